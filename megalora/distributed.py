@@ -1,0 +1,303 @@
+"""Every collective and shard helper megalora uses, in one place.
+
+The sharding rule is stated once, here, as a :class:`ShardSpec`: a LoRA factor
+has a full logical shape, and a spec says which dimension (if any) is split
+across the tensor-parallel group. Init, save, load, merge and export all go
+through :meth:`ShardSpec.local` and :func:`gather_full`, so a factor means the
+same thing at every layout.
+
+A spec may split its dimension in ``chunks`` equal blocks that are each sharded
+on their own. Megatron's gated ``linear_fc1`` (SwiGLU) needs this: rank ``k``
+holds ``[gate_k; up_k]`` rather than a contiguous slice of ``[gate; up]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = Optional["dist.ProcessGroup"]
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a full tensor is split across a tensor-parallel group.
+
+    Attributes:
+        dim: The split dimension, or ``None`` for a tensor that every rank holds
+            whole (plain layers, and replicated factors).
+        chunks: The number of equal blocks along ``dim`` that are sharded
+            independently (2 for a gated ``linear_fc1``).
+    """
+
+    dim: Optional[int] = None
+    chunks: int = 1
+
+    @property
+    def sharded(self) -> bool:
+        return self.dim is not None
+
+    def local(self, full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        """This rank's slice of ``full`` (a view-free contiguous copy)."""
+        if self.dim is None or world == 1:
+            return full.contiguous()
+        size = full.shape[self.dim]
+        if size % (self.chunks * world):
+            raise ValueError(
+                f"dimension {self.dim} of size {size} cannot be split into {self.chunks} block(s) "
+                f"across {world} tensor-parallel ranks"
+            )
+        blocks = full.chunk(self.chunks, dim=self.dim)
+        return torch.cat([b.chunk(world, dim=self.dim)[rank] for b in blocks], dim=self.dim).contiguous()
+
+    def full_from_shards(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`local` given every rank's shard, in rank order."""
+        if self.dim is None or len(shards) == 1:
+            return shards[0]
+        per_rank_blocks = [s.chunk(self.chunks, dim=self.dim) for s in shards]
+        blocks = [torch.cat([p[c] for p in per_rank_blocks], dim=self.dim) for c in range(self.chunks)]
+        return torch.cat(blocks, dim=self.dim)
+
+
+FULL = ShardSpec()
+
+
+def group_size(group: ProcessGroup) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group: ProcessGroup) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+def gather_full(local: torch.Tensor, spec: ShardSpec, group: ProcessGroup) -> torch.Tensor:
+    """Collective: rebuild the full tensor from every rank's shard.
+
+    Every rank of ``group`` must call it. A tensor with an unsharded spec is
+    returned as is, with no communication.
+    """
+    world = group_size(group)
+    if not spec.sharded or world == 1:
+        return local
+    shards = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(shards, local.contiguous(), group=group)
+    return spec.full_from_shards(shards)
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Collective: sum ``tensor`` in place across ``group`` (no-op at size 1)."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0, group: ProcessGroup = None):
+    """Collective: rank ``src``'s Python object on every rank of ``group``."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    return box[0]
+
+
+def all_gather_objects(obj, group: ProcessGroup = None) -> list:
+    """Collective: every rank's ``obj``, in rank order."""
+    if not dist.is_available() or not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def agree_or_raise(error: Optional[str], group: ProcessGroup = None) -> None:
+    """Collective: raise the same error on every rank if any rank found one.
+
+    Validation runs on every rank; this makes a problem seen on one rank
+    (a missing module on one pipeline stage, say) stop them all together, before
+    the collectives that would otherwise hang.
+    """
+    errors = [e for e in all_gather_objects(error, group) if e]
+    if errors:
+        raise ValueError(errors[0])
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """``tensor`` unchanged, whose gradient is multiplied by ``factor``."""
+    if factor == 1:
+        return tensor
+    return _ScaleGrad.apply(tensor, factor)
+
+
+# The attribute megatron-core's finalize_model_grads reads to average a
+# parameter's gradient across the tensor-parallel group.
+TP_AVERAGE_ATTR = "average_gradients_across_tp_domain"
+
+
+def mark_tp_replicated(param: torch.nn.Parameter) -> None:
+    """Tag a replicated LoRA parameter for the once-per-step TP reduction."""
+    setattr(param, TP_AVERAGE_ATTR, True)
+    param.tensor_model_parallel = False
+    param.partition_dim = -1
+    param.partition_stride = 1
+
+
+def mark_tp_sharded(param: torch.nn.Parameter, dim: int, stride: int = 1) -> None:
+    """Tag a sharded parameter the way megatron-core tags its own TP weights."""
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = stride
+
+
+def sync_replicated_grads(params: Iterable[torch.nn.Parameter], group: ProcessGroup) -> int:
+    """Collective: average the grads of TP-replicated params across ``group``.
+
+    One coalesced all-reduce per call. Together with the ``scale_grad`` factor
+    the layers apply in forward, the average is the sum of the rank partials.
+    This is what megatron-core's ``finalize_model_grads`` does for parameters
+    tagged by :func:`mark_tp_replicated`; a plain training loop calls it once per
+    step, after backward.
+
+    Returns:
+        The number of parameters whose gradient was reduced.
+    """
+    grads = []
+    for p in params:
+        if not getattr(p, TP_AVERAGE_ATTR, False):
+            continue
+        g = getattr(p, "main_grad", None)
+        if g is None:
+            g = p.grad
+        if g is not None:
+            grads.append(g)
+    if not grads or group_size(group) == 1:
+        return len(grads)
+    flat = torch._utils._flatten_dense_tensors([g.data for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat.div_(group_size(group))
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.data.copy_(synced)
+    return len(grads)
+
+
+# --------------------------------------------------------------------------
+# Counting collectives, for tests and benchmarks.
+
+_COUNTED = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "reduce_scatter",
+    "broadcast",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+    "all_to_all_single",
+)
+
+
+@dataclass
+class CollectiveLog:
+    """What :func:`count_collectives` saw: calls and bytes per collective name."""
+
+    calls: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+    shapes: list = field(default_factory=list)
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+
+def _tensor_bytes(args, kwargs) -> tuple[int, tuple]:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.numel() * a.element_size(), tuple(a.shape)
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return sum(t.numel() * t.element_size() for t in a), tuple(a[0].shape)
+    return 0, ()
+
+
+def _megatron_aliases() -> list:
+    """Module-level aliases of torch.distributed functions inside megatron-core."""
+    out = []
+    try:
+        from megatron.core import utils as mcore_utils
+
+        for name in ("dist_all_gather_func", "dist_reduce_scatter_func"):
+            if hasattr(mcore_utils, name):
+                out.append((mcore_utils, name))
+        from megatron.core.tensor_parallel import mappings
+
+        for name in ("dist_all_gather_func", "dist_reduce_scatter_func"):
+            if hasattr(mappings, name):
+                out.append((mappings, name))
+    except ImportError:  # megatron-core is optional for plain layers
+        pass
+    return out
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[CollectiveLog]:
+    """Count every torch.distributed collective issued inside the block.
+
+    Wraps ``torch.distributed``'s functions (and megatron-core's module-level
+    aliases of them) for the duration of the block, records calls, bytes and
+    the first tensor's shape, and forwards to the real function.
+    """
+    log = CollectiveLog()
+    originals = []
+
+    def wrap(owner, name, label):
+        real = getattr(owner, name)
+        if getattr(real, "_megalora_counted", False):
+            return
+
+        def counted(*args, **kwargs):
+            nbytes, shape = _tensor_bytes(args, kwargs)
+            log.calls[label] += 1
+            log.bytes[label] += nbytes
+            log.shapes.append((label, shape))
+            return real(*args, **kwargs)
+
+        counted._megalora_counted = True
+        originals.append((owner, name, real))
+        setattr(owner, name, counted)
+
+    for name in _COUNTED:
+        if hasattr(dist, name):
+            wrap(dist, name, name)
+    for owner, name in _megatron_aliases():
+        real = getattr(owner, name)
+        wrap(owner, name, getattr(real, "__name__", name))
+    try:
+        yield log
+    finally:
+        for owner, name, real in reversed(originals):
+            setattr(owner, name, real)
