@@ -109,11 +109,11 @@ def adapter_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             for suffix, tensor, spec in _layer_entries(module, adapter):
                 full = D.gather_full(tensor.detach(), spec, module.tp_group)
-                state[f"{PREFIX}{names[local_name]}.{suffix}"] = full.cpu().contiguous()
+                state[f"{PREFIX}{names[local_name]}.{suffix}"] = full.to("cpu", copy=True).contiguous()
         elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             for pname, param in module.modules_to_save[adapter].named_parameters():
                 full = D.gather_full(param.detach(), _param_spec(param), _model_tp_group())
-                state[f"{PREFIX}{names[local_name]}.{pname}"] = full.cpu().contiguous()
+                state[f"{PREFIX}{names[local_name]}.{pname}"] = full.to("cpu", copy=True).contiguous()
     return state
 
 

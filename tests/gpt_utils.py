@@ -1,0 +1,138 @@
+"""Small real megatron-core GPT models for the parallel oracles.
+
+A reference model is built at TP=1; its full state dict is the ground truth.
+A model at another layout loads this rank's slices of the same full tensors,
+so the two compute the same function. Gated ``linear_fc1`` weights are sliced
+per ``[gate; up]`` block, as megatron-core lays them out per rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megalora.distributed import ShardSpec
+
+VOCAB = 128
+SEQ = 16
+BATCH = 2
+
+
+def gpt_config(tp=1, pp=1, sp=False, gated=False, num_layers=2, dropout=0.0, bias=True):
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=96,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sp,
+        use_cpu_initialization=True,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        gated_linear_unit=gated,
+        activation_func=F.silu if gated else F.gelu,
+        add_bias_linear=bias,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        params_dtype=torch.float32,
+    )
+
+
+def layer_spec(config, vp_stage=None):
+    """The local (no TE) spec; with SP, norms that accept sequence parallelism."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec()
+    if config.sequence_parallel:
+        from tests.sp_norm import sp_block_spec
+
+        spec = sp_block_spec(spec, config, vp_stage)
+    return spec
+
+
+def build_gpt(config, pre_process=True, post_process=True, vp_stage=None):
+    from megatron.core.models.gpt import GPTModel
+
+    kwargs = dict(vp_stage=vp_stage) if vp_stage is not None else {}
+    return GPTModel(
+        config,
+        layer_spec(config, vp_stage),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        **kwargs,
+    )
+
+
+def _spec_for(name: str, param, gated: bool) -> ShardSpec:
+    if not getattr(param, "tensor_model_parallel", False):
+        return ShardSpec()
+    chunks = 2 if gated and "linear_fc1" in name else 1
+    return ShardSpec(dim=param.partition_dim, chunks=chunks)
+
+
+def load_full_state(model, full: dict, gated: bool = False) -> None:
+    """Copy this rank's slices of ``full`` (a TP=1 state dict) into ``model``."""
+    from megatron.core import parallel_state as ps
+
+    rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(_spec_for(name, param, gated).local(full[name], rank, world))
+
+
+def batches(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+        out.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    return out
+
+
+def position_ids():
+    return torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+
+
+def causal_mask():
+    return torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    tokens, labels = batch
+    per_token = model(tokens, position_ids(), causal_mask(), labels=labels)
+    return per_token.float().mean()
+
+
+def logits(model, tokens) -> torch.Tensor:
+    """Full-vocab logits ``[b, s, v]`` (gathered across TP)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    out = model(tokens, position_ids(), causal_mask())
+    return gather_from_tensor_model_parallel_region(out)
+
+
+def train(model, data, lr=1e-3) -> list[float]:
+    """A plain loop: Adam on trainable params, ``sync_lora_grads`` each step."""
+    import megalora
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for batch in data:
+        opt.zero_grad()
+        loss = lm_loss(model, batch)
+        loss.backward()
+        megalora.sync_lora_grads(model)
+        opt.step()
+        losses.append(loss.item())
+    return losses
