@@ -214,3 +214,43 @@ def test_megatron_attributes(dist2):
             assert tmp is True and dim == (0 if column else 1) and not avg, name
         else:
             assert tmp is False and avg, name
+
+
+def _ddp_body(sp, lora):
+    """Training through megatron-core's DDP and finalize_model_grads, no megalora call in the loop."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megalora.runtime import destroy_parallel
+
+    data = G.batches(1) * 5
+    ref, full = _build(1, False, True, **lora)
+    ref_losses = G.train(ref, data)
+    ref_final = _adapter(ref)
+    destroy_parallel()
+
+    par, _ = _build(2, sp, True, full=full, **lora)
+    ddp = DistributedDataParallel(par.base_model.model.config, DistributedDataParallelConfig(), par)
+    params = [p for p in ddp.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    losses = []
+    for batch in data:
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        loss = G.lm_loss(ddp, batch)
+        loss.backward()
+        finalize_model_grads([ddp])
+        for p in params:
+            p.grad = p.main_grad
+        opt.step()
+        losses.append(loss.item())
+    for step, (a, b) in enumerate(zip(ref_losses, losses)):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: TP=1 loss {a} vs DDP TP=2 loss {b}"
+    _assert_close_dicts(ref_final, _adapter(par), 1e-5, "LoRA weights after DDP training")
+    return losses
+
+
+@pytest.mark.parametrize(
+    "sp,lora", [(False, {}), (True, {"use_dora": True})], ids=["tp2", "tp2-sp-dora"]
+)
+def test_megatron_ddp_and_finalize_model_grads(dist2, sp, lora):
+    dist2(_ddp_body, sp, lora)
