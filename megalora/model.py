@@ -18,7 +18,7 @@ from . import distributed as D
 from .config import LoraConfig
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
 from .layers.modules_to_save import ModulesToSaveWrapper, unwrap
-from .targeting import describe_no_match, find_targets, global_module_names
+from .targeting import ModelChunks, describe_no_match, find_targets, global_module_names
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -47,9 +47,9 @@ class LoraModel(nn.Module):
 
     prefix = "lora_"
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module | Sequence[nn.Module], config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
-        self.model = model
+        self.model = ModelChunks(model) if isinstance(model, (list, tuple)) else model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
         self.inject_adapter(adapter_name, config)
@@ -208,7 +208,11 @@ class LoraModel(nn.Module):
             _set_submodule(self.model, name, layer.get_base_layer())
         for name, wrapper in self.saved_module_wrappers():
             _set_submodule(self.model, name, unwrap(wrapper, keep_trained=merge))
-        return self.model
+        return list(self.model) if self.is_chunked else self.model
+
+    @property
+    def is_chunked(self) -> bool:
+        return isinstance(self.model, ModelChunks)
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None
@@ -244,7 +248,20 @@ class PeftModel(nn.Module):
             return getattr(self.base_model.model, name)
 
     def forward(self, *args, **kwargs):
+        if self.base_model.is_chunked:
+            raise TypeError("this PeftModel holds virtual-pipeline chunks: call each chunk (peft_model[i]) instead")
         return self.base_model.model(*args, **kwargs)
+
+    # Virtual-pipeline chunks: the schedule runs the chunks themselves, which
+    # were adapted in place.
+    def __getitem__(self, index: int) -> nn.Module:
+        return self.base_model.model[index] if self.base_model.is_chunked else [self.base_model.model][index]
+
+    def __len__(self) -> int:
+        return len(self.base_model.model) if self.base_model.is_chunked else 1
+
+    def __iter__(self):
+        return iter(list(self.base_model.model) if self.base_model.is_chunked else [self.base_model.model])
 
     # ------------------------------------------------------------------ delegation
 
@@ -260,8 +277,9 @@ class PeftModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return self.base_model.active_adapters
 
-    def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+    def get_base_model(self):
+        """The adapted model, or the list of adapted chunks."""
+        return list(self.base_model.model) if self.base_model.is_chunked else self.base_model.model
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Add a new adapter; the active adapter does not change."""
@@ -365,8 +383,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     """Inject LoRA into ``model`` and return it as a :class:`PeftModel`.
 
     Args:
-        model: A plain PyTorch model or a megatron-core model (one pipeline
-            stage or virtual chunk per call is fine: names are global).
+        model: A plain PyTorch model, a megatron-core model (one pipeline
+            stage: names are global), or the list of a stage's
+            virtual-pipeline chunks, which are all adapted in place and saved
+            together.
         peft_config: The LoRA configuration.
         adapter_name: Name of the first adapter.
     """

@@ -68,8 +68,22 @@ def to_global_name(local_name: str, index_map: dict[str, str]) -> str:
     return local_name
 
 
+class ModelChunks(nn.ModuleList):
+    """The virtual-pipeline chunks of one model stage, adapted together.
+
+    Local names inside carry the chunk index (``"1.decoder.layers.0..."``);
+    global names do not, since ``layer_number`` already says where a layer is.
+    """
+
+
 def global_module_names(model: nn.Module) -> dict[str, str]:
     """Local name → global name for every module of ``model``."""
+    if isinstance(model, ModelChunks):
+        names = {"": ""}
+        for index, chunk in enumerate(model):
+            for local, glob in global_module_names(chunk).items():
+                names[f"{index}.{local}" if local else str(index)] = glob
+        return names
     index_map = layer_index_map(model)
     return {name: to_global_name(name, index_map) for name, _ in model.named_modules()}
 
