@@ -1,0 +1,43 @@
+"""megalora: PEFT's LoRA for megatron-core models under TP, SP and PP."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import LoraConfig
+from .model import LoraModel, PeftModel, get_peft_model
+from .runtime import init_distributed, init_parallel
+
+
+def sync_lora_grads(model) -> int:
+    """Sum the TP-partial gradients of replicated LoRA factors (a plain loop's step call).
+
+    megatron-core's ``finalize_model_grads`` does this already for models
+    wrapped in its ``DistributedDataParallel``; a loop without it calls this once
+    per step, after backward and before the optimizer step. Collective over the
+    tensor-parallel group; one coalesced all-reduce.
+
+    Returns:
+        The number of parameters whose gradient was reduced.
+    """
+    from . import distributed as D
+    from .layers import LoraLayer
+
+    groups: dict = {}
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        for module in chunk.modules():
+            if isinstance(module, LoraLayer) and module.tp_size > 1:
+                groups.setdefault(module.tp_group, []).extend(module.parameters())
+    return sum(D.sync_replicated_grads(params, group) for group, params in groups.items())
+
+
+__all__ = [
+    "LoraConfig",
+    "LoraModel",
+    "PeftModel",
+    "get_peft_model",
+    "init_distributed",
+    "init_parallel",
+    "sync_lora_grads",
+    "__version__",
+]
