@@ -53,10 +53,19 @@ def _parallel_classes(mcore) -> tuple[tuple, tuple]:
     return (tp.ColumnParallelLinear,), (tp.RowParallelLinear,)
 
 
+def _te_classes(mcore) -> tuple[tuple, tuple, tuple]:
+    if mcore is None:
+        return (), (), ()
+    from .te import te_layer_classes
+
+    return te_layer_classes()
+
+
 def is_supported_linear(module: nn.Module, mcore=None) -> bool:
     """Whether megalora can put LoRA on ``module``."""
     column, row = _parallel_classes(mcore)
-    return isinstance(module, (nn.Linear, *column, *row)) or is_conv1d(module)
+    te = sum(_te_classes(mcore), ())
+    return isinstance(module, (nn.Linear, *column, *row, *te)) or is_conv1d(module)
 
 
 def _is_gated_fc1(module: nn.Module, name: str) -> bool:
@@ -76,11 +85,25 @@ def create_lora_layer(target: nn.Module, name: str, fan_in_fan_out: bool = False
     Raises:
         TypeError: If the module type is not supported.
     """
+    te_column, te_row, te_norm_column = _te_classes(mcore)
+    chunks = 2 if _is_gated_fc1(target, name) else 1
+    if te_norm_column and isinstance(target, te_norm_column):
+        from .te import LoraColumnCallingBase, layernorm_of
+
+        return LoraColumnCallingBase(target, out_chunks=chunks, input_norm=layernorm_of(target))
+    if te_column and isinstance(target, te_column):
+        from .te import LoraColumnCallingBase
+
+        return LoraColumnCallingBase(target, out_chunks=chunks)
+    if te_row and isinstance(target, te_row):
+        from .te import LoraRowCallingBase
+
+        return LoraRowCallingBase(target)
     column, row = _parallel_classes(mcore)
     if column and isinstance(target, column):
         from .parallel import LoraColumnParallelLinear
 
-        return LoraColumnParallelLinear(target, out_chunks=2 if _is_gated_fc1(target, name) else 1)
+        return LoraColumnParallelLinear(target, out_chunks=chunks)
     if row and isinstance(target, row):
         from .parallel import LoraRowParallelLinear
 
@@ -89,6 +112,7 @@ def create_lora_layer(target: nn.Module, name: str, fan_in_fan_out: bool = False
         return LoraLinear(target, fan_in_fan_out=fan_in_fan_out)
     raise TypeError(
         f"Target module {name} ({type(target).__name__}) is not supported. megalora supports torch.nn.Linear, "
-        "transformers' Conv1D and megatron-core's ColumnParallelLinear / RowParallelLinear; "
+        "transformers' Conv1D, megatron-core's ColumnParallelLinear / RowParallelLinear and their Transformer "
+        "Engine counterparts; "
         "adjust target_modules to select only those."
     )
