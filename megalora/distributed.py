@@ -130,6 +130,52 @@ def agree_or_raise(error: Optional[str], group: ProcessGroup = None) -> None:
         raise ValueError(errors[0])
 
 
+def _dtype_groups(specs: list[tuple[tuple, torch.dtype]]) -> list[tuple[torch.dtype, list[int]]]:
+    """Indices of ``specs`` grouped by dtype, in order of first appearance."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, (_, dtype) in enumerate(specs):
+        groups.setdefault(dtype, []).append(i)
+    return list(groups.items())
+
+
+def send_tensors(tensors: list[torch.Tensor], dst: int, group: ProcessGroup) -> None:
+    """Point-to-point: send ``tensors`` to rank ``dst`` of ``group``.
+
+    One message per dtype (the tensors flattened together), so a whole layer
+    costs a message or two. The peer calls :func:`recv_tensors` with the same
+    shapes and dtypes, in the same order relative to its other p2p calls.
+    """
+    specs = [(tuple(t.shape), t.dtype) for t in tensors]
+    peer = dist.get_global_rank(group, dst) if group is not None else dst
+    for _, idx in _dtype_groups(specs):
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
+        dist.send(flat.contiguous(), dst=peer, group=group)
+
+
+def recv_tensors(specs: list[tuple[tuple, torch.dtype]], src: int, group: ProcessGroup,
+                 device=None) -> list[torch.Tensor]:
+    """Point-to-point: receive what :func:`send_tensors` sent from rank ``src`` of ``group``.
+
+    Args:
+        specs: ``(shape, dtype)`` of each tensor, in the sender's order.
+        src: The sender's rank within ``group``.
+        group: The process group (``None`` for the world group).
+        device: Where the received tensors live (the CPU by default).
+
+    Returns:
+        Fresh tensors, one per spec, each with its own storage.
+    """
+    peer = dist.get_global_rank(group, src) if group is not None else src
+    out: list[Optional[torch.Tensor]] = [None] * len(specs)
+    for dtype, idx in _dtype_groups(specs):
+        sizes = [int(torch.Size(specs[i][0]).numel()) for i in idx]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        dist.recv(flat, src=peer, group=group)
+        for i, part in zip(idx, flat.split(sizes)):
+            out[i] = part.view(specs[i][0]).clone()
+    return out
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; multiplies the gradient by a constant."""
 

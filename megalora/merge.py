@@ -200,17 +200,50 @@ def _combine_layer(layer, adapters, weights, new_rank, method, opts) -> tuple[to
         return a_new.to(dtype), b_new.to(dtype)
     # SVD family: ΔW = Σ w·s·B@A.
     weight_t = torch.tensor([w for _, w in present])
-    if method == "svd":
+    if method == "svd" and opts["clamp"] is None:
         b_cat = torch.cat([factors[a][1].float() * w * layer.scaling[a] for a, w in present], dim=1)
         a_cat = torch.cat([factors[a][0].float() for a, _ in present], dim=0)
         u, vh = low_rank_svd(b_cat, a_cat, new_rank)
     else:
-        deltas = [(factors[a][1] @ factors[a][0]) * layer.scaling[a] for a, _ in present]
-        delta = combine(method[: -len("_svd")], deltas, weight_t.to(deltas[0].dtype), opts["density"], opts["majority"])
+        # svd_clamp's quantile depends on the signs of the singular vectors, so "svd" with a
+        # clamp takes PEFT's route (an SVD of the full ΔW) to get LAPACK's signs as PEFT does.
+        # The task tensors are in the base weight's layout as in PEFT (transposed for
+        # fan_in_fan_out): DARE's masks are drawn in that layout.
+        deltas = [layer._to_base_layout((factors[a][1] @ factors[a][0]) * layer.scaling[a]) for a, _ in present]
+        base_method = "linear" if method == "svd" else method[: -len("_svd")]
+        delta = combine(base_method, deltas, weight_t.to(deltas[0].dtype), opts["density"], opts["majority"])
+        delta = layer._to_base_layout(delta)  # back to [out, in]
         u_full, s, vh = torch.linalg.svd(delta, full_matrices=opts["full_matrices"], driver=opts["driver"])
         u, vh = u_full[:, :new_rank] @ torch.diag(s[:new_rank]), vh[:new_rank]
     u, vh = _clamp(u, vh, opts["clamp"])
     return vh, u
+
+
+@torch.no_grad()
+def _advance_rng_like_peft(lora_model, adapter_name: str, config) -> None:
+    """Draw from the global CPU RNG what PEFT's ``inject_adapter`` draws for the new adapter.
+
+    PEFT builds each new layer's ``lora_A``/``lora_B`` as ``nn.Linear`` (default init:
+    ``A [r, in]``, ``B [out, r]`` and B's bias) and then re-initialises them, all from
+    the global generator, before it draws any DARE mask. megalora's init draws
+    nothing from it, so without this the same ``torch.manual_seed`` would give
+    other masks than PEFT's. Full (unsharded) shapes, layers in module order.
+    """
+    init = config.init_lora_weights
+    for _, layer in lora_model.lora_layers():
+        if adapter_name not in layer.lora_A:
+            continue
+        r, in_f, out_f = layer.r[adapter_name], layer.in_features, layer.out_features
+        torch.empty(r, in_f).uniform_()
+        torch.empty(out_f, r).uniform_()
+        if config.lora_bias:
+            torch.empty(out_f).uniform_()
+        if init is True:
+            torch.empty(r, in_f).uniform_()
+        elif isinstance(init, str) and init.lower() == "gaussian":
+            torch.empty(r, in_f).normal_()
+        elif init == "orthogonal":
+            torch.randn(r, r), torch.randn(in_f, r // 2), torch.randn(r // 2, out_f)
 
 
 def add_weighted_adapter(
@@ -243,6 +276,8 @@ def add_weighted_adapter(
         base_config, r=new_rank, lora_alpha=new_rank, target_modules=targets, alpha_pattern={}, rank_pattern={}
     )
     lora_model.inject_adapter(adapter_name, new_config)
+    if method.startswith("dare"):
+        _advance_rng_like_peft(lora_model, adapter_name, new_config)
     opts = dict(
         density=density, majority=majority_sign_method, clamp=svd_clamp, full_matrices=svd_full_matrices,
         driver=svd_driver,

@@ -132,11 +132,14 @@ class LoraModel(nn.Module):
         for name, param in self.model.named_parameters():
             if self.prefix not in name and ".modules_to_save." not in name:
                 param.requires_grad_(False)
-        if config.bias == "all":
+        # As PEFT: the ``bias`` setting of every *active* adapter applies, so adding
+        # an inactive adapter with bias="none" keeps the active one's biases trainable.
+        biases = {self.peft_config[a].bias for a in self.active_adapters if a in self.peft_config}
+        if "all" in biases:
             for name, param in self.model.named_parameters():
                 if "bias" in name and ".original_module." not in name:
                     param.requires_grad_(True)
-        elif config.bias == "lora_only":
+        if "lora_only" in biases:
             for _, layer in self.lora_layers():
                 bias = getattr(layer.get_base_layer(), "bias", None)
                 if isinstance(bias, nn.Parameter):

@@ -244,8 +244,11 @@ class LoraLayer(nn.Module):
         in_full, out_full = self._full_features()
         gen = init_generator(seed, global_name, adapter_name)
         a, b, bias = draw_full_factors(init_lora_weights, r, in_full, out_full, lora_bias, gen)
-        weight = self.base_weight_oi()
-        like = dict(dtype=weight.dtype if weight.is_floating_point() else torch.float32, device=weight.device)
+        # dtype/device from any base parameter: an output layer tied to the
+        # embeddings has no weight of its own.
+        ref = next(self.get_base_layer().parameters(), None)
+        floating = ref is not None and ref.is_floating_point()
+        like = dict(dtype=ref.dtype if floating else torch.float32, device=ref.device if ref is not None else "cpu")
         bias_spec = self.b_spec if self.b_spec.dim == 0 else D.FULL
         self.lora_A[adapter_name] = LoraFactor(self.local(a, self.a_spec).to(**like))
         self.lora_B[adapter_name] = LoraFactor(
