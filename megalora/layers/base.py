@@ -288,11 +288,11 @@ class LoraLayer(nn.Module):
         """Remove an adapter; if it was active, the first remaining one becomes active."""
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before deleting it")
-        for layer_name in self.adapter_layer_names:
-            getattr(self, layer_name).pop(adapter_name, None)
+        for container in [getattr(self, n) for n in self.adapter_layer_names] + [self.lora_dropout]:
+            if adapter_name in container:  # ModuleDict.pop takes no default
+                del container[adapter_name]
         for attr in ("r", "lora_alpha", "scaling", "use_dora", "lora_bias"):
             getattr(self, attr).pop(adapter_name, None)
-        self.lora_dropout.pop(adapter_name, None)
         if adapter_name in self._active_adapter:
             remaining = [a for a in self._active_adapter if a != adapter_name]
             if not remaining and self.lora_A:
@@ -423,14 +423,42 @@ class LoraLayer(nn.Module):
         bias = None if self.b_output_is_partial else b_mod.bias
         return F.linear(F.linear(x, a), b, bias)
 
+    def _add_lora_out(
+        self, result: torch.Tensor, adapter: str, x: torch.Tensor, scaling: float, inplace: bool = False
+    ) -> torch.Tensor:
+        """``result + scaling · B(A(x))`` for already dropped-out ``x``, in one GEMM for B.
+
+        ``addmm`` folds the scale and the add into B's GEMM. Writing ``B(A(x))``
+        out, scaling it and adding it would cost three passes over an
+        output-sized tensor, and one more in backward for the scale: at the
+        hidden sizes where a rank-r GEMM is cheap, those passes are much of
+        LoRA's cost.
+        """
+        a = self._factor_weight(self.lora_A[adapter], self.a_spec)
+        b_mod = self.lora_B[adapter]
+        b = self._factor_weight(b_mod, self.b_spec)
+        bias = None if self.b_output_is_partial else b_mod.bias
+        h = F.linear(x, a)
+        if h.dtype != result.dtype:  # e.g. fp32 LoRA on a bf16 base: keep PEFT's type promotion
+            return result + F.linear(h, b, bias) * scaling
+        h2 = h.reshape(-1, h.shape[-1])
+        if inplace and result.dim() == 2:
+            out = result.addmm_(h2, b.t(), alpha=scaling)
+        else:
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), h2, b.t(), alpha=scaling).view(result.shape)
+        return out if bias is None else out + bias * scaling
+
     def _apply_adapters(
-        self, x: torch.Tensor, result: torch.Tensor, base_bias: Optional[torch.Tensor]
+        self, x: torch.Tensor, result: torch.Tensor, base_bias: Optional[torch.Tensor], inplace: bool = False
     ) -> torch.Tensor:
         """Add every active adapter's output to ``result``, PEFT's way.
 
         ``base_bias`` is the bias already inside ``result``; DoRA rescales the
         bias-free base output. As in PEFT, a later DoRA adapter sees the
         outputs of the adapters before it as part of the "base" result.
+        ``inplace`` lets LoRA add into ``result`` itself: only for a caller
+        whose ``result`` is a fresh 2-D tensor that no autograd node saved
+        (the parallel layers' own base matmul).
         """
         out_dtype = result.dtype
         for adapter in self.active_adapters:
@@ -442,7 +470,7 @@ class LoraLayer(nn.Module):
             if not self.use_dora[adapter]:
                 with self._dropout_context(adapter):
                     xd = dropout(xa)
-                result = result + self._lora_out(adapter, xd) * scaling
+                result = self._add_lora_out(result, adapter, xd, scaling, inplace)
                 continue
             if isinstance(dropout, nn.Identity) or not self.training:
                 base_result = result if base_bias is None else result - base_bias

@@ -68,7 +68,8 @@ class ModulesToSaveWrapper(nn.Module):
         self._disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.modules_to_save.pop(adapter_name, None)
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
         self._active_adapter = [a for a in self._active_adapter if a != adapter_name]
 
     def forward(self, *args, **kwargs):
