@@ -176,6 +176,141 @@ def recv_tensors(specs: list[tuple[tuple, torch.dtype]], src: int, group: Proces
     return out
 
 
+def param_shard_spec(param: torch.Tensor, chunks: int = 1) -> ShardSpec:
+    """The spec megatron-core's TP attributes give a parameter (``FULL`` if untagged).
+
+    Args:
+        param: A parameter, possibly tagged ``tensor_model_parallel`` / ``partition_dim``.
+        chunks: Independently sharded blocks along a dim-0 split (2 for a gated
+            ``linear_fc1``'s weight and bias).
+    """
+    if getattr(param, "tensor_model_parallel", False) and getattr(param, "partition_dim", -1) >= 0:
+        dim = int(param.partition_dim)
+        return ShardSpec(dim=dim, chunks=chunks if dim == 0 else 1)
+    return FULL
+
+
+def _parallel_state():
+    """megatron-core's ``parallel_state`` if its model-parallel groups are up, else ``None``."""
+    try:
+        from megatron.core import parallel_state as ps
+    except ImportError:  # plain models need no megatron-core
+        return None
+    return ps if ps.model_parallel_is_initialized() else None
+
+
+def model_tp_group() -> ProcessGroup:
+    """megatron-core's tensor-parallel group, or ``None`` without model parallelism."""
+    ps = _parallel_state()
+    return ps.get_tensor_model_parallel_group() if ps is not None else None
+
+
+def is_first_replica() -> bool:
+    """Whether this rank is data-parallel (and context-parallel) rank 0 of its model replica.
+
+    Exactly one TP group per pipeline stage passes: the one whose tensors a
+    saver or exporter reads. Without megatron-core it is global rank 0.
+    """
+    ps = _parallel_state()
+    if ps is not None:
+        return ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def is_stage_writer() -> bool:
+    """Whether this rank holds its pipeline stage's gathered tensors (TP rank 0 of the first replica).
+
+    One rank per pipeline stage passes, whatever the number of virtual chunks a
+    stage holds (they are all on the same ranks).
+    """
+    ps = _parallel_state()
+    if ps is not None:
+        return is_first_replica() and ps.get_tensor_model_parallel_rank() == 0
+    return is_first_replica()
+
+
+def replica_groups() -> list:
+    """The groups whose ranks hold replicas of the same tensors: DP (with CP), then TP.
+
+    Broadcasting from rank 0 of each in this order makes every rank of a
+    pipeline stage hold what its first rank holds.
+    """
+    ps = _parallel_state()
+    if ps is None:
+        return [None] if dist.is_initialized() else []
+    return [ps.get_data_parallel_group(with_context_parallel=True), ps.get_tensor_model_parallel_group()]
+
+
+def sync_rng_state(groups: Iterable[ProcessGroup]) -> None:
+    """Collective: give every rank of each group its rank 0's global torch RNG state(s).
+
+    Random masks drawn afterwards on the same full shapes are then identical on
+    every rank, so tensors that are replicated stay replicated. The CPU
+    generator is synced, and the current CUDA device's when CUDA is in use.
+    """
+    for group in groups:
+        if group_size(group) == 1:
+            continue
+        states = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state()
+        states = broadcast_object(states, src=0, group=group)
+        torch.set_rng_state(states["cpu"])
+        if "cuda" in states:
+            torch.cuda.set_rng_state(states["cuda"])
+
+
+def sharded_tensor(
+    tensor: torch.Tensor,
+    key: str,
+    spec: ShardSpec,
+    tp_rank: int,
+    tp_size: int,
+    dp_rank: int,
+    sharded_offsets: tuple = (),
+    singleton_local_shards: bool = False,
+):
+    """A megatron-core ``ShardedTensor`` for this rank's shard of a tensor with ``spec``.
+
+    A sharded tensor is written by every TP rank of the first data-parallel
+    replica (replica id ``(0, 0, dp)``); a replicated one by TP rank 0 only
+    (``(0, tp, dp)``). A spec with 2 chunks on dim 0 (gated ``linear_fc1``) goes
+    through megatron-core's SwiGLU factory, so that the checkpoint holds the
+    canonical ``[gate; up]`` tensor and reshards to any TP size.
+
+    Args:
+        tensor: This rank's shard (a parameter, so loading can write into it).
+        key: The global checkpoint key.
+        spec: How the full tensor is split across TP.
+        tp_rank, tp_size: This rank's place in the tensor-parallel group.
+        dp_rank: This rank's data-parallel (with context-parallel) rank.
+        sharded_offsets: Offsets prepended by enclosing modules (the layer axis).
+        singleton_local_shards: megatron-core's metadata flag of the same name.
+    """
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    prepend = len(sharded_offsets)
+    if not spec.sharded:
+        return ShardedTensor.from_rank_offsets(
+            key, tensor, *sharded_offsets, replica_id=(0, tp_rank, dp_rank), prepend_axis_num=prepend
+        )
+    sh = ShardedTensor.from_rank_offsets(
+        key,
+        tensor,
+        *sharded_offsets,
+        (spec.dim + prepend, tp_rank, tp_size),
+        replica_id=(0, 0, dp_rank),
+        prepend_axis_num=prepend,
+    )
+    if spec.chunks == 1:
+        return sh
+    if spec.chunks != 2 or spec.dim != 0:
+        raise NotImplementedError(f"no dist-checkpoint layout for {spec}; only 2 chunks on dim 0 (SwiGLU)")
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    return apply_swiglu_sharded_factory(sh, sharded_offsets, singleton_local_shards)
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; multiplies the gradient by a constant."""
 
@@ -245,6 +380,54 @@ def sync_replicated_grads(params: Iterable[torch.nn.Parameter], group: ProcessGr
     for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         g.data.copy_(synced)
     return len(grads)
+
+
+# --------------------------------------------------------------------------
+# The trainer's gradient collectives (megalora.training.loop).
+
+
+def all_reduce_grads(params: Iterable[torch.nn.Parameter], group: ProcessGroup, average: bool = False) -> int:
+    """Collective: sum (or average) the ``.grad`` of ``params`` across ``group``, one all-reduce.
+
+    The trainer averages every trainable grad over the data-parallel group, and
+    sums the grads of ``sequence_parallel`` params over the TP group.
+
+    Returns:
+        The number of gradients reduced.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or group_size(group) == 1:
+        return len(grads)
+    flat = torch._utils._flatten_dense_tensors([g.data for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    if average:
+        flat.div_(group_size(group))
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.data.copy_(synced)
+    return len(grads)
+
+
+def grad_norm_fp32(params: Iterable[torch.nn.Parameter], tp_group: ProcessGroup,
+                   norm_group: ProcessGroup) -> float:
+    """Collective over ``norm_group``: the L2 norm of all grads of the model, in fp32.
+
+    A TP-sharded param (``tensor_model_parallel``) contributes its shard on
+    every TP rank; a replicated one only on TP rank 0, and a ``shared`` copy
+    (the tied output embedding on the last pipeline stage) not at all, as
+    megatron-core's ``get_main_grads_for_grad_norm`` does. ``norm_group`` is
+    the model-parallel (TP x PP) group; DP replicas hold the same grads once
+    they are averaged.
+    """
+    tp_rank = group_rank(tp_group)
+    total = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None or getattr(p, "shared", False):
+            continue
+        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    if group_size(norm_group) > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=norm_group)
+    return float(total.sqrt())
 
 
 # --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from . import distributed as D
 from .config import LoraConfig
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
 from .layers.modules_to_save import ModulesToSaveWrapper, unwrap
+from .replication import restore_shared, unshare_for_merge
 from .targeting import ModelChunks, describe_no_match, find_targets, global_module_names
 
 
@@ -79,9 +80,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; choose another adapter_name")
         config.raise_if_unimplemented()
         if config.layer_replication:
-            raise NotImplementedError(
-                "layer_replication is not implemented by megalora yet; remove it from the LoraConfig"
-            )
+            self._replicate_layers(config.layer_replication)
         mcore = megatron_core_module(config.megatron_core)
         targets = find_targets(self.model, config, mcore)
         if sum(D.all_gather_objects(len(targets))) == 0:
@@ -112,6 +111,23 @@ class LoraModel(nn.Module):
         self._add_modules_to_save(adapter_name, config)
         self.peft_config[adapter_name] = config
         self._mark_only_adapters_as_trainable(config)
+
+    def _replicate_layers(self, layer_map) -> None:
+        """PEFT's ``layer_replication``, applied once, before targeting (see :mod:`megalora.replication`)."""
+        from .replication import replicate_layers
+
+        wanted = [list(pair) for pair in layer_map]
+        done = getattr(self, "_layer_replication", None)
+        if done is not None:
+            if done != wanted:
+                raise ValueError(
+                    f"layer_replication={wanted} differs from the {done} this model was already built with; "
+                    "give every adapter the same layer_replication, or none")
+            return
+        if self.peft_config:
+            raise ValueError("layer_replication must be set on the first adapter, before any adapter is injected")
+        self.replication = replicate_layers(self.model, wanted)
+        self._layer_replication = wanted
 
     def _add_modules_to_save(self, adapter_name: str, config: LoraConfig) -> None:
         if not config.modules_to_save:
@@ -192,12 +208,15 @@ class LoraModel(nn.Module):
 
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         for _, layer in self.lora_layers():
+            # Replicated layers share base weights but not deltas: copy on merge.
+            unshare_for_merge(layer, adapter_names)
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
             if layer.merged:
                 layer.unmerge()
+            restore_shared(layer)
 
     def _unload(self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names) -> nn.Module:
         layers = self.lora_layers()
@@ -205,9 +224,12 @@ class LoraModel(nn.Module):
         for name, layer in tqdm(layers, desc=f"{'Unloading and merging' if merge else 'Unloading'} model",
                                 disable=not show):
             if merge:
+                unshare_for_merge(layer, adapter_names)
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-            elif layer.merged:
-                layer.unmerge()
+            else:
+                if layer.merged:
+                    layer.unmerge()
+                restore_shared(layer)
             _set_submodule(self.model, name, layer.get_base_layer())
         for name, wrapper in self.saved_module_wrappers():
             _set_submodule(self.model, name, unwrap(wrapper, keep_trained=merge))

@@ -18,10 +18,17 @@ SEQ = 16
 BATCH = 2
 
 
-def gpt_config(tp=1, pp=1, sp=False, gated=False, num_layers=2, dropout=0.0, bias=True):
+def gpt_config(tp=1, pp=1, sp=False, gated=False, num_layers=2, dropout=0.0, bias=True, vpp=None,
+               first_stage_layers=None):
     from megatron.core.transformer import TransformerConfig
 
+    pipeline = dict(pipeline_dtype=torch.float32) if pp > 1 else {}
+    if vpp is not None:
+        pipeline["virtual_pipeline_model_parallel_size"] = vpp
+    if first_stage_layers is not None:
+        pipeline["num_layers_in_first_pipeline_stage"] = first_stage_layers
     return TransformerConfig(
+        **pipeline,
         num_layers=num_layers,
         hidden_size=64,
         num_attention_heads=4,
@@ -57,10 +64,12 @@ def layer_spec(config, vp_stage=None):
     return spec
 
 
-def build_gpt(config, pre_process=True, post_process=True, vp_stage=None):
+def build_gpt(config, pre_process=True, post_process=True, vp_stage=None, rope=False):
     from megatron.core.models.gpt import GPTModel
 
     kwargs = dict(vp_stage=vp_stage) if vp_stage is not None else {}
+    if rope:
+        kwargs["position_embedding_type"] = "rope"
     return GPTModel(
         config,
         layer_spec(config, vp_stage),
@@ -73,6 +82,29 @@ def build_gpt(config, pre_process=True, post_process=True, vp_stage=None):
     )
 
 
+def build_stage(config, rope=False) -> list:
+    """This pipeline stage's model chunks (one per virtual stage), with Megatron's first/last flags."""
+    from megatron.core import parallel_state as ps
+
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for v in range(vpp or 1):
+        vp_stage = v if vpp else None
+        first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunks.append(build_gpt(config, first, last, vp_stage=vp_stage, rope=rope))
+    return chunks
+
+
+def global_param_name(model, name: str) -> str:
+    """``decoder.layers.<local>.x`` → ``decoder.layers.<layer_number - 1>.x`` (the TP=1/PP=1 name)."""
+    prefix = "decoder.layers."
+    if not name.startswith(prefix):
+        return name
+    index, rest = name[len(prefix):].split(".", 1)
+    return f"{prefix}{model.decoder.layers[int(index)].layer_number - 1}.{rest}"
+
+
 def _spec_for(name: str, param, gated: bool) -> ShardSpec:
     if not getattr(param, "tensor_model_parallel", False):
         return ShardSpec()
@@ -81,13 +113,17 @@ def _spec_for(name: str, param, gated: bool) -> ShardSpec:
 
 
 def load_full_state(model, full: dict, gated: bool = False) -> None:
-    """Copy this rank's slices of ``full`` (a TP=1 state dict) into ``model``."""
+    """Copy this rank's slices of ``full`` (a TP=1/PP=1 state dict) into ``model``.
+
+    Under PP a stage's ``decoder.layers.<i>`` loads global layer ``layer_number - 1``.
+    """
     from megatron.core import parallel_state as ps
 
     rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.copy_(_spec_for(name, param, gated).local(full[name], rank, world))
+            source = full[global_param_name(model, name)]
+            param.copy_(_spec_for(name, param, gated).local(source, rank, world))
 
 
 def batches(n: int, seed: int = 0):
@@ -136,3 +172,54 @@ def train(model, data, lr=1e-3) -> list[float]:
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def pipeline_train(chunks, steps, lr=1e-3, forward_only=False) -> list:
+    """Adam steps through megatron-core's schedule (any PP/VPP layout).
+
+    Args:
+        chunks: This stage's model chunks (adapted in place).
+        steps: One list of ``(tokens, labels)`` micro-batches per step.
+        lr: Adam's learning rate.
+        forward_only: Run the schedule without backward or optimizer step.
+
+    Returns:
+        Each step's mean micro-batch loss on the last stage, ``None`` elsewhere.
+    """
+    import megalora
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    params = [p for c in chunks for p in c.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr) if not forward_only else None
+
+    def step(data_iterator, model):
+        tokens, labels = next(data_iterator)
+        out = model(tokens, position_ids(), causal_mask(), labels=labels)
+
+        def loss_func(per_token):
+            loss = per_token.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    losses = []
+    for micro in steps:
+        if opt is not None:
+            opt.zero_grad()
+        iters = [iter(micro) for _ in chunks]
+        out = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iters if len(chunks) > 1 else iters[0], model=chunks,
+            num_microbatches=len(micro), seq_length=SEQ, micro_batch_size=BATCH, forward_only=forward_only)
+        if opt is not None:
+            megalora.sync_lora_grads(chunks)
+            opt.step()
+        last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        losses.append(sum(d["loss"].item() for d in out) / len(out) if last else None)
+    return losses
+
+
+def pipeline_steps(n_steps: int, n_micro: int = 2, seed: int = 0) -> list:
+    """``n_steps`` lists of ``n_micro`` micro-batches."""
+    data = batches(n_steps * n_micro, seed=seed)
+    return [data[i * n_micro:(i + 1) * n_micro] for i in range(n_steps)]

@@ -354,7 +354,6 @@ UNIMPLEMENTED = [
     (dict(trainable_token_indices=[1]), "trainable_token_indices"),
     (dict(target_parameters=["experts.weight"]), "target_parameters"),
     (dict(alora_invocation_tokens=[1], task_type="CAUSAL_LM"), "alora_invocation_tokens"),
-    (dict(layer_replication=[[0, 1]]), "layer_replication"),
     (dict(ensure_weight_tying=True), "ensure_weight_tying"),
     (dict(velora_config={}), "velora_config"),
     (dict(monteclora_config={"num_samples": 2}), "monteclora_config"),
