@@ -118,6 +118,19 @@ def all_gather_objects(obj, group: ProcessGroup = None) -> list:
     return out
 
 
+def gather_objects(obj, dst: int = 0) -> Optional[list]:
+    """Collective over the world: every rank's ``obj`` on global rank ``dst`` (``None`` elsewhere).
+
+    Unlike :func:`all_gather_objects`, only ``dst`` receives the payloads (large
+    state dicts are not copied to every rank).
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def agree_or_raise(error: Optional[str], group: ProcessGroup = None) -> None:
     """Collective: raise the same error on every rank if any rank found one.
 
@@ -177,13 +190,7 @@ def recv_tensors(specs: list[tuple[tuple, torch.dtype]], src: int, group: Proces
 
 
 def param_shard_spec(param: torch.Tensor, chunks: int = 1) -> ShardSpec:
-    """The spec megatron-core's TP attributes give a parameter (``FULL`` if untagged).
-
-    Args:
-        param: A parameter, possibly tagged ``tensor_model_parallel`` / ``partition_dim``.
-        chunks: Independently sharded blocks along a dim-0 split (2 for a gated
-            ``linear_fc1``'s weight and bias).
-    """
+    """The spec megatron-core's TP attributes give ``param``; ``chunks`` = 2 for a gated fc1 (dim 0)."""
     if getattr(param, "tensor_model_parallel", False) and getattr(param, "partition_dim", -1) >= 0:
         dim = int(param.partition_dim)
         return ShardSpec(dim=dim, chunks=chunks if dim == 0 else 1)
@@ -206,11 +213,7 @@ def model_tp_group() -> ProcessGroup:
 
 
 def is_first_replica() -> bool:
-    """Whether this rank is data-parallel (and context-parallel) rank 0 of its model replica.
-
-    Exactly one TP group per pipeline stage passes: the one whose tensors a
-    saver or exporter reads. Without megatron-core it is global rank 0.
-    """
+    """Whether this rank is in the first data-(and context-)parallel replica (global rank 0 if plain)."""
     ps = _parallel_state()
     if ps is not None:
         return ps.get_data_parallel_rank(with_context_parallel=True) == 0
@@ -218,11 +221,7 @@ def is_first_replica() -> bool:
 
 
 def is_stage_writer() -> bool:
-    """Whether this rank holds its pipeline stage's gathered tensors (TP rank 0 of the first replica).
-
-    One rank per pipeline stage passes, whatever the number of virtual chunks a
-    stage holds (they are all on the same ranks).
-    """
+    """TP rank 0 of the first replica: one rank per pipeline stage, which holds all its virtual chunks."""
     ps = _parallel_state()
     if ps is not None:
         return is_first_replica() and ps.get_tensor_model_parallel_rank() == 0
@@ -230,11 +229,7 @@ def is_stage_writer() -> bool:
 
 
 def replica_groups() -> list:
-    """The groups whose ranks hold replicas of the same tensors: DP (with CP), then TP.
-
-    Broadcasting from rank 0 of each in this order makes every rank of a
-    pipeline stage hold what its first rank holds.
-    """
+    """DP (with CP), then TP: broadcasting from rank 0 of each, in order, reaches a whole stage."""
     ps = _parallel_state()
     if ps is None:
         return [None] if dist.is_initialized() else []
@@ -242,11 +237,10 @@ def replica_groups() -> list:
 
 
 def sync_rng_state(groups: Iterable[ProcessGroup]) -> None:
-    """Collective: give every rank of each group its rank 0's global torch RNG state(s).
+    """Collective: every rank of each group takes its rank 0's global CPU (and CUDA) RNG state.
 
-    Random masks drawn afterwards on the same full shapes are then identical on
-    every rank, so tensors that are replicated stay replicated. The CPU
-    generator is synced, and the current CUDA device's when CUDA is in use.
+    Random masks drawn afterwards on the same full shapes then agree, so
+    replicated tensors stay replicated.
     """
     for group in groups:
         if group_size(group) == 1:
@@ -260,16 +254,8 @@ def sync_rng_state(groups: Iterable[ProcessGroup]) -> None:
             torch.cuda.set_rng_state(states["cuda"])
 
 
-def sharded_tensor(
-    tensor: torch.Tensor,
-    key: str,
-    spec: ShardSpec,
-    tp_rank: int,
-    tp_size: int,
-    dp_rank: int,
-    sharded_offsets: tuple = (),
-    singleton_local_shards: bool = False,
-):
+def sharded_tensor(tensor: torch.Tensor, key: str, spec: ShardSpec, tp_rank: int, tp_size: int, dp_rank: int,
+                   sharded_offsets: tuple = (), singleton_local_shards: bool = False):
     """A megatron-core ``ShardedTensor`` for this rank's shard of a tensor with ``spec``.
 
     A sharded tensor is written by every TP rank of the first data-parallel
@@ -278,14 +264,9 @@ def sharded_tensor(
     through megatron-core's SwiGLU factory, so that the checkpoint holds the
     canonical ``[gate; up]`` tensor and reshards to any TP size.
 
-    Args:
-        tensor: This rank's shard (a parameter, so loading can write into it).
-        key: The global checkpoint key.
-        spec: How the full tensor is split across TP.
-        tp_rank, tp_size: This rank's place in the tensor-parallel group.
-        dp_rank: This rank's data-parallel (with context-parallel) rank.
-        sharded_offsets: Offsets prepended by enclosing modules (the layer axis).
-        singleton_local_shards: megatron-core's metadata flag of the same name.
+    ``tensor`` is this rank's shard (a parameter, so loading writes into it),
+    ``key`` the global checkpoint key, ``dp_rank`` the data-(and context-)
+    parallel rank, ``sharded_offsets`` what enclosing modules prepend.
     """
     from megatron.core.dist_checkpointing import ShardedTensor
 
@@ -294,14 +275,8 @@ def sharded_tensor(
         return ShardedTensor.from_rank_offsets(
             key, tensor, *sharded_offsets, replica_id=(0, tp_rank, dp_rank), prepend_axis_num=prepend
         )
-    sh = ShardedTensor.from_rank_offsets(
-        key,
-        tensor,
-        *sharded_offsets,
-        (spec.dim + prepend, tp_rank, tp_size),
-        replica_id=(0, 0, dp_rank),
-        prepend_axis_num=prepend,
-    )
+    sh = ShardedTensor.from_rank_offsets(key, tensor, *sharded_offsets, (spec.dim + prepend, tp_rank, tp_size),
+                                         replica_id=(0, 0, dp_rank), prepend_axis_num=prepend)
     if spec.chunks == 1:
         return sh
     if spec.chunks != 2 or spec.dim != 0:

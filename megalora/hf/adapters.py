@@ -1,0 +1,345 @@
+"""megalora adapters on megatron-core ↔ HF PEFT adapters on the HF model, exactly.
+
+**Export.** A LoRA on a fused megatron module becomes one LoRA per HF module:
+``linear_qkv``'s A is copied to ``q_proj``/``k_proj``/``v_proj`` and its B is
+split per query group (rows ``[q_g; k_g; v_g]`` of group ``g``);
+``linear_fc1``'s B is split into ``gate_proj``/``up_proj``. Since
+``q = B_q A x`` is exactly the q rows of ``B A x``, the HF adapter computes the
+same function. Columns of an HF module's B that are all zero (the other
+blocks of a block-diagonal B from an import) are dropped with their A rows,
+so an imported PEFT adapter exports back at its own ranks. ``target_modules``
+and the rank/alpha patterns are rewritten for HF names, and the files are
+PEFT's own (``adapter_config.json``, ``adapter_model.safetensors``).
+
+**Import.** Separate q/k/v (or gate/up) LoRAs whose A matrices differ are not
+one rank-r LoRA on the fused module. They are imported *exactly*, as one LoRA
+of rank ``r_q + r_k + r_v`` on ``linear_qkv``: A is ``[A_q; A_k; A_v]`` and B
+is block-diagonal (B_q in the q rows and A_q's columns, and so on), then laid
+out per query group. Modules that PEFT did not target get zero rows. When
+the A matrices are equal (an adapter that megalora exported) the import keeps
+rank r. A per-module scale ``alpha/r`` different from the fused one is folded
+into that module's block of B. DoRA magnitudes are per output row, so they
+concatenate exactly. Nothing is approximated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from collections import Counter
+from typing import Optional
+
+import torch
+
+from .. import distributed as D
+from ..checkpoint import PREFIX, adapter_state_dict, read_adapter_tensors, write_adapter
+from ..config import LoraConfig
+from ..layers import LoraLayer
+from ..targeting import global_module_names, pattern_value
+from .arch import MCORE_LAYER_PREFIX, Arch, arch_from_hf, layer_suffix
+from .export import find_hf_config, gather_stages, model_chunks
+
+SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
+
+
+def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module path: {suffix: tensor}}`` from PEFT-style keys."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        suffix = next((s for s in SUFFIXES if body.endswith("." + s)), None)
+        if suffix is None:
+            raise ValueError(
+                f"{source}: tensor {key!r} is not a LoRA factor of a linear layer (lora_A/lora_B/"
+                "lora_magnitude_vector); embedding LoRA, modules_to_save and other PEFT methods are not supported"
+            )
+        out.setdefault(body[: -len(suffix) - 1], {})[suffix] = tensor
+    return out
+
+
+def _scaling(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _alpha_for(scaling: float, r: int, rslora: bool) -> float:
+    alpha = scaling * (math.sqrt(r) if rslora else r)
+    return int(alpha) if float(alpha).is_integer() else alpha
+
+
+def describe_targets(ranks: dict[str, tuple[int, float]], universe: list[str], layer_prefix: str) -> dict:
+    """LoraConfig fields that select exactly the modules of ``ranks``, with their r and alpha.
+
+    Tries, in order, leaf names (``q_proj``), paths inside a layer
+    (``self_attn.q_proj``), either with ``layers_to_transform``, and last the
+    full module names. Rank and alpha patterns use the shortest of those
+    names under which the value is uniform.
+
+    Args:
+        ranks: ``{module path: (r, alpha)}`` of the adapted modules.
+        universe: Every linear module path of the model.
+        layer_prefix: ``"model.layers.{i}."`` style prefix of the layer stack.
+    """
+    wanted = set(ranks)
+    where = {name: layer_suffix(name, layer_prefix) for name in set(universe) | wanted}
+    namings = (lambda n: n.rpartition(".")[2], lambda n: where[n][1])
+
+    def selected(targets, layers=None):
+        return {u for u in universe
+                if (u in targets or any(u.endswith("." + t) for t in targets))
+                and (layers is None or where[u][0] in layers)}
+
+    layer_set = sorted({where[n][0] for n in wanted if where[n][0] is not None})
+    targets, layers = sorted(wanted), None
+    for with_layers in (False, True):
+        found = next((sorted({name_of(n) for n in wanted}) for name_of in namings
+                      if selected({name_of(n) for n in wanted}, set(layer_set) if with_layers else None) == wanted),
+                     None)
+        if found is not None:
+            targets, layers = found, (layer_set if with_layers else None)
+            break
+    r = Counter(v[0] for v in ranks.values()).most_common(1)[0][0]
+    alpha = Counter(v[1] for v in ranks.values()).most_common(1)[0][0]
+    patterns = ({}, {})
+    for field, default in ((0, r), (1, alpha)):
+        for name, values in sorted(ranks.items()):
+            if values[field] == default:
+                continue
+            key = name
+            for name_of in namings:
+                if len({v[field] for n, v in ranks.items() if name_of(n) == name_of(name)}) == 1:
+                    key = name_of(name)
+                    break
+            patterns[field][re.escape(key)] = values[field]
+    return dict(target_modules=targets, layers_to_transform=layers, r=r, lora_alpha=alpha,
+                rank_pattern=patterns[0], alpha_pattern=patterns[1])
+
+
+# ---------------------------------------------------------------------- export
+
+
+def _split_factors(arch: Arch, rule, tensors: dict, r: int, alpha: float, rslora: bool, compact: bool):
+    """Per HF module: ``(tensors, r, alpha)`` of one fused megatron LoRA."""
+    a = tensors["lora_A.weight"]
+    split = {s: arch.split(rule, tensors[s]) for s in SUFFIXES[1:] if s in tensors}
+    scaling = _scaling(r, alpha, rslora)
+    out = []
+    for i in range(len(rule.hf)):
+        part = {s: v[i].contiguous() for s, v in split.items()}
+        a_i, r_i, alpha_i = a, r, alpha
+        keep = part["lora_B.weight"].abs().sum(dim=0) != 0
+        if compact and len(rule.hf) > 1 and keep.any() and not keep.all():
+            a_i, part["lora_B.weight"] = a[keep], part["lora_B.weight"][:, keep]
+            r_i = int(keep.sum())
+            alpha_i = _alpha_for(scaling, r_i, rslora)
+        part["lora_A.weight"] = a_i.clone()  # one tensor per HF module: safetensors refuses shared storage
+        out.append((part, r_i, alpha_i))
+    return out
+
+
+def _is_zero_lora(part: dict) -> bool:
+    if "lora_magnitude_vector" in part:
+        return False  # DoRA rescales the base output even with B = 0
+    return not any(part[s].count_nonzero().item() for s in ("lora_B.weight", "lora_B.bias") if s in part)
+
+
+def hf_adapter_from_mcore(arch: Arch, state: dict, ranks: dict, config: LoraConfig, compact: bool = True):
+    """``(PEFT state dict, {HF module: (r, alpha)})`` from a gathered megalora adapter."""
+    hf_state, hf_ranks = {}, {}
+    for module, tensors in sorted(_by_module(state, "the megalora adapter").items()):
+        _, hprefix, rule = arch.rule_for_mcore(module)
+        if not rule.linear:
+            raise ValueError(f"{module} is not a linear layer; only linear LoRA exports to HF PEFT")
+        r, alpha = ranks[module]
+        parts = list(zip(rule.hf, _split_factors(arch, rule, tensors, r, alpha, config.use_rslora, compact)))
+        if compact:
+            # A module whose LoRA is exactly zero next to non-zero ones was not
+            # targeted on the HF side (the zero rows of an import): leave it out.
+            live = [(hf, p) for hf, p in parts if not _is_zero_lora(p[0])]
+            parts = live or parts
+        for hf, (part, r_i, alpha_i) in parts:
+            for suffix, tensor in part.items():
+                hf_state[f"{PREFIX}{hprefix}{hf}.{suffix}"] = tensor
+            hf_ranks[hprefix + hf] = (r_i, alpha_i)
+    return hf_state, hf_ranks
+
+
+def _local_ranks(peft_model, adapter: str) -> dict[str, tuple[int, float]]:
+    out = {}
+    for chunk in model_chunks(peft_model):
+        names = global_module_names(chunk)
+        for local, module in chunk.named_modules():
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                out[names[local]] = (module.r[adapter], module.lora_alpha[adapter])
+    return out
+
+
+def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name: str = "default",
+                        compact: bool = True) -> Optional[str]:
+    """Collective: write a megalora adapter as an HF PEFT adapter for the HF model.
+
+    ``peft.PeftModel.from_pretrained(hf_model, directory)`` then computes what
+    megalora computes on megatron-core. Global rank 0 writes.
+
+    Args:
+        peft_model: The megalora ``PeftModel`` on a model built by ``build_gpt_from_hf``.
+        directory: Output directory (PEFT's two files go directly into it).
+        hf_config: The HF config; default the one recorded on the model.
+        adapter_name: Which adapter to export.
+        compact: Drop all-zero columns of each HF module's B (see the module docstring).
+
+    Returns:
+        ``directory``.
+    """
+    hf_config = find_hf_config(peft_model, hf_config)
+    arch = arch_from_hf(hf_config)
+    config = peft_model.peft_config[adapter_name]
+    problem = None
+    if config.modules_to_save:
+        problem = "exporting modules_to_save to HF PEFT is not supported; train an adapter without modules_to_save"
+    D.agree_or_raise(problem)
+    state = gather_stages(adapter_state_dict(peft_model, adapter_name))
+    ranks = {}
+    for part in D.all_gather_objects(_local_ranks(peft_model, adapter_name)):
+        ranks.update(part)
+    error = None
+    if state is not None:
+        try:
+            hf_state, hf_ranks = hf_adapter_from_mcore(arch, state, ranks, config, compact)
+            fields = describe_targets(hf_ranks, arch.linear_hf_modules(), arch.hf_layer_prefix)
+            out_config = LoraConfig(
+                task_type=config.task_type or "CAUSAL_LM",
+                base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
+                lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, use_dora=config.use_dora,
+                lora_bias=config.lora_bias, bias=config.bias, init_lora_weights=True,
+                fan_in_fan_out=any(rule.conv1d for rule in arch.layer_rules), megatron_config=None,
+                inference_mode=True, **fields,
+            )
+            write_adapter(directory, out_config, hf_state)
+        except Exception as exc:  # re-raised on every rank below
+            error = f"exporting adapter {adapter_name!r} to {directory} failed: {type(exc).__name__}: {exc}"
+    error = D.broadcast_object(error)
+    if error is not None:
+        raise RuntimeError(error)
+    return directory
+
+
+# ---------------------------------------------------------------------- import
+
+
+def _fuse_adapters(arch: Arch, rule, parts: dict[int, tuple[dict, int, float]], rslora: bool, module: str):
+    """One megatron LoRA ``(tensors, r, alpha)`` equal to the HF LoRAs ``parts`` (by position in ``rule.hf``)."""
+    first_tensors, first_r, first_alpha = next(iter(parts.values()))
+    scale = _scaling(first_r, first_alpha, rslora)
+    if len(rule.hf) == 1:
+        fused = {s: arch.fuse(rule, [t]) if s != "lora_A.weight" else t for s, t in first_tensors.items()}
+        return fused, first_r, first_alpha
+    if any("lora_magnitude_vector" in t for t, _, _ in parts.values()) and len(parts) < len(rule.hf):
+        raise NotImplementedError(
+            f"DoRA on only some of {list(rule.hf)} cannot be fused into {module}: target all of them"
+        )
+    if rule.kind == "qkv":
+        rows = list(arch.qkv_rows)
+    else:  # "cat": equal blocks ([gate; up])
+        rows = [first_tensors["lora_B.weight"].shape[0]] * len(rule.hf)
+    scales = {i: _scaling(r, alpha, rslora) for i, (_, r, alpha) in parts.items()}
+    shared = all(torch.equal(t["lora_A.weight"], first_tensors["lora_A.weight"]) for t, _, _ in parts.values()) \
+        and len(set(scales.values())) == 1
+    if shared:
+        a, r, alpha, offsets = first_tensors["lora_A.weight"], first_r, first_alpha, None
+    else:
+        a = torch.cat([parts[i][0]["lora_A.weight"] for i in sorted(parts)], dim=0)
+        r = a.shape[0]
+        alpha = _alpha_for(scale, r, rslora)
+        offsets, start = {}, 0
+        for i in sorted(parts):
+            offsets[i] = (start, start + parts[i][1])
+            start += parts[i][1]
+    like = first_tensors["lora_B.weight"]
+    blocks: dict[str, list] = {}
+    for i, n_rows in enumerate(rows):
+        tensors = parts[i][0] if i in parts else {}
+        ratio = 1.0 if i not in parts or scales[i] == scale else scales[i] / scale
+        b = torch.zeros(n_rows, r, dtype=like.dtype)
+        if i in parts:
+            cols = slice(None) if offsets is None else slice(*offsets[i])
+            b[:, cols] = tensors["lora_B.weight"] * ratio if ratio != 1.0 else tensors["lora_B.weight"]
+        blocks.setdefault("lora_B.weight", []).append(b)
+        if "lora_B.bias" in first_tensors:
+            bias = tensors.get("lora_B.bias", torch.zeros(n_rows, dtype=like.dtype))
+            blocks.setdefault("lora_B.bias", []).append(bias * ratio if ratio != 1.0 else bias)
+        if "lora_magnitude_vector" in tensors:
+            blocks.setdefault("lora_magnitude_vector", []).append(tensors["lora_magnitude_vector"])
+    fused = {s: arch.fuse(rule, v).contiguous() for s, v in blocks.items()}
+    fused["lora_A.weight"] = a.contiguous()
+    return fused, r, alpha
+
+
+def mcore_adapter_from_hf(arch: Arch, peft_config: LoraConfig, state: dict, source: str = "the PEFT adapter"):
+    """``(megalora state dict, {megatron module: (r, alpha)})`` from an HF PEFT adapter."""
+    where = arch.hf_module_to_mcore()
+    grouped: dict[str, dict[int, tuple]] = {}
+    for hf_module, tensors in _by_module(state, source).items():
+        if hf_module not in where:
+            raise ValueError(f"{source}: module {hf_module!r} is not a linear layer of the HF {arch.model_type} model")
+        if "lora_A.weight" not in tensors or "lora_B.weight" not in tensors:
+            raise ValueError(f"{source}: {hf_module} lacks lora_A or lora_B")
+        r = tensors["lora_A.weight"].shape[0]
+        alpha = pattern_value(peft_config.alpha_pattern, hf_module, peft_config.lora_alpha)
+        module, pos = where[hf_module]
+        grouped.setdefault(module, {})[pos] = (tensors, r, alpha)
+    out, ranks = {}, {}
+    for module, parts in sorted(grouped.items()):
+        _, _, rule = arch.rule_for_mcore(module)
+        fused, r, alpha = _fuse_adapters(arch, rule, parts, peft_config.use_rslora, module)
+        for suffix, tensor in fused.items():
+            out[f"{PREFIX}{module}.{suffix}"] = tensor
+        ranks[module] = (r, alpha)
+    return out, ranks
+
+
+def import_peft_adapter(model, directory: str, adapter_name: str = "default", hf_config=None,
+                        is_trainable: bool = False, save_directory: Optional[str] = None):
+    """Collective: put an HF PEFT adapter (made on the HF model) on the megatron model, exactly.
+
+    Args:
+        model: A model built by ``build_gpt_from_hf`` (this rank's stage, or
+            its virtual chunks), or a megalora ``PeftModel`` on one (the
+            adapter is then added under ``adapter_name``).
+        directory: The PEFT adapter directory (``adapter_config.json`` and
+            ``adapter_model.safetensors``; pickle files are never read).
+        adapter_name: The name of the new adapter.
+        hf_config: The HF config; default the one recorded on the model.
+        is_trainable: Whether the imported adapter is trainable.
+        save_directory: Also write the converted megalora adapter there (rank 0).
+
+    Returns:
+        The megalora ``PeftModel``. Its config has ``linear_qkv``/``linear_fc1``
+        ranks equal to the sum of the fused HF modules' ranks when their A differ.
+    """
+    from ..model import PeftModel
+
+    hf_config = find_hf_config(model, hf_config)
+    arch = arch_from_hf(hf_config)
+    peft_config = LoraConfig.from_pretrained(directory)
+    problem = None
+    if peft_config.modules_to_save:
+        problem = f"{directory}: modules_to_save={peft_config.modules_to_save} is not supported by the HF import"
+    D.agree_or_raise(problem)
+    state, ranks = mcore_adapter_from_hf(arch, peft_config, read_adapter_tensors(directory), directory)
+    fields = describe_targets(ranks, arch.linear_mcore_modules(), MCORE_LAYER_PREFIX)
+    config = LoraConfig(
+        task_type="CAUSAL_LM", base_model_name_or_path=peft_config.base_model_name_or_path,
+        lora_dropout=peft_config.lora_dropout, use_rslora=peft_config.use_rslora, use_dora=peft_config.use_dora,
+        lora_bias=peft_config.lora_bias, bias=peft_config.bias, init_lora_weights=True, **fields,
+    )
+    with tempfile.TemporaryDirectory(prefix="megalora-import-") as tmp:
+        write_adapter(tmp, config, state)
+        if save_directory is not None and D.group_rank(None) == 0:
+            write_adapter(save_directory, config, state)
+        if isinstance(model, PeftModel):
+            model.load_adapter(tmp, adapter_name=adapter_name, is_trainable=is_trainable)
+            return model
+        hf_chunks = model_chunks(model)
+        target = hf_chunks if len(hf_chunks) > 1 else hf_chunks[0]
+        return PeftModel.from_pretrained(target, tmp, adapter_name=adapter_name, is_trainable=is_trainable)

@@ -1,0 +1,156 @@
+"""A cache of converted weights, so that a model is converted once per machine.
+
+Loading SmolLM2 from its GGUF file (dequantization through transformers)
+takes tens of seconds. The first load converts the model to one safetensors
+file of *full* megatron tensors (the TP=1, PP=1 layout, global names, fp32),
+with the HF config in its metadata. Every later build, at any TP/PP layout,
+reads only its own shards from that file (memory-mapped slices).
+
+Where: ``$MEGALORA_CACHE`` if set, else ``~/.cache/megalora``. The file name
+carries a hash of the source files' absolute paths, sizes and modification
+times (and of this converter's format version), so an edited or replaced
+model is converted again. Files are written atomically (temporary file,
+fsync, rename): a crash never leaves a torn cache file behind.
+
+Under ``torch.distributed`` global rank 0 converts while the others wait for
+the file; the cache directory must then be one that every rank can read (a
+shared file system across nodes, or set ``MEGALORA_CACHE``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+
+from .. import distributed as D
+from .arch import arch_from_hf
+from .convert import SafetensorsSource, mcore_state_from_hf
+from .models import ModelFiles, clean_hf_config, hf_config_from_dict, load_hf_model
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "MEGALORA_CACHE"
+# Bump when the layout of cached files changes, so stale files are not read.
+FORMAT = "megalora-mcore-fp32-v1"
+# How long other ranks wait for rank 0's conversion, and how old an error
+# file may be and still belong to this run.
+WAIT_S = 1800.0
+STALE_ERROR_S = 120.0
+
+
+def cache_dir() -> str:
+    """``$MEGALORA_CACHE``, else ``~/.cache/megalora``."""
+    return os.path.abspath(os.path.expanduser(os.environ.get(CACHE_ENV) or "~/.cache/megalora"))
+
+
+def cache_key(files: ModelFiles) -> str:
+    """A hash of the source files' paths, sizes and mtimes, and of :data:`FORMAT`."""
+    stats = []
+    for path in files.weight_files:
+        st = os.stat(path)
+        stats.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+    blob = json.dumps([FORMAT, files.gguf_file, stats], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def cache_path(files: ModelFiles) -> str:
+    """Where the converted weights of ``files`` are (or will be) cached."""
+    stem = files.gguf_file[: -len(".gguf")] if files.gguf_file else os.path.basename(files.directory)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "model"
+    return os.path.join(cache_dir(), f"{stem}-{cache_key(files)}.safetensors")
+
+
+def convert_to_cache(files: ModelFiles, path: str) -> None:
+    """Load the HF model of ``files``, convert it, and write ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    source = os.path.join(files.directory, files.gguf_file) if files.gguf_file else files.directory
+    hf_model = load_hf_model(source)
+    hf_config = clean_hf_config(hf_model.config)
+    arch = arch_from_hf(hf_config)
+    state = mcore_state_from_hf(arch, hf_model.state_dict())
+    del hf_model
+    metadata = {
+        "format": FORMAT,
+        "hf_config": hf_config.to_json_string(use_diff=False),
+        "source": os.path.join(files.directory, files.gguf_file or ""),
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".convert-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    logger.info("converted %s in %.1f s into %s", metadata["source"], time.perf_counter() - start, path)
+
+
+def open_cached(path: str) -> SafetensorsSource:
+    """A :class:`SafetensorsSource` over a cached file, with its HF config."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a megalora {FORMAT} cache file; delete it and load again")
+    hf_config = hf_config_from_dict(json.loads(metadata["hf_config"]))
+    return SafetensorsSource(arch_from_hf(hf_config), hf_config, path)
+
+
+def _error_path(path: str) -> str:
+    return path + ".error"
+
+
+def cached_source(files: ModelFiles, wait_s: float = WAIT_S) -> SafetensorsSource:
+    """The cached weights of ``files``, converting them on a miss.
+
+    Under ``torch.distributed``, global rank 0 converts while the other ranks
+    wait for the file to appear; a failure on rank 0 is written next to the
+    cache file and raised on every rank. No collective is used: megatron-core
+    all-reduces tied embeddings while it builds virtual pipeline chunks, and a
+    collective here, between two chunk builds, would interleave with it.
+
+    Raises:
+        RuntimeError: If the conversion failed (on any rank), or the file did
+            not appear within ``wait_s`` (the cache directory is not shared).
+    """
+    path = cache_path(files)
+    if os.path.isfile(path):
+        return open_cached(path)
+    if D.group_rank(None) == 0:
+        if os.path.exists(_error_path(path)):
+            os.unlink(_error_path(path))
+        try:
+            convert_to_cache(files, path)
+        except Exception as exc:
+            message = f"converting {files.directory}/{files.gguf_file or ''} failed: {type(exc).__name__}: {exc}"
+            with open(_error_path(path), "w", encoding="utf-8") as handle:
+                handle.write(message)
+            raise
+        return open_cached(path)
+    started = time.time()
+    while not os.path.isfile(path):
+        error = _error_path(path)
+        # An error file older than this wait is left over from an earlier run.
+        if os.path.isfile(error) and os.path.getmtime(error) >= started - STALE_ERROR_S:
+            with open(error, encoding="utf-8") as handle:
+                raise RuntimeError(f"rank 0 failed: {handle.read()}")
+        if time.time() - started > wait_s:
+            raise RuntimeError(
+                f"the converted weights {path} did not appear within {wait_s:.0f} s: rank 0 converts them; "
+                f"set {CACHE_ENV} to a directory that every rank shares"
+            )
+        time.sleep(0.2)
+    return open_cached(path)

@@ -1,0 +1,193 @@
+"""HF state dicts ↔ megatron-core state dicts, full tensors, global names.
+
+The megatron side is the whole model at TP=1, PP=1 (``decoder.layers.<i>``
+with global ``i``); a rank's shard of any tensor is then
+``ShardSpec.local(full)``, with ``chunks=2`` for a gated ``linear_fc1``.
+Every conversion goes through :class:`~megalora.hf.arch.Arch`'s fuse/split.
+
+A :class:`WeightSource` hands out this rank's shards of megatron tensors,
+either converted from an HF model in memory or read slice by slice from the
+converted-weights cache (:mod:`megalora.hf.cache`), so that a rank reads
+only what it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from ..distributed import ShardSpec
+from .arch import Arch
+
+EMBEDDING = "embedding.word_embeddings"
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
+def source_name(arch: Arch, name: str) -> str:
+    """The tensor a megatron parameter is read from: a tied output head reads the embedding."""
+    module, leaf = _split_name(name)
+    if arch.tied and module == "output_layer":
+        return f"{EMBEDDING}.{leaf}"
+    return name
+
+
+def mcore_tensor_from_hf(arch: Arch, name: str, get_hf: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The full megatron tensor ``name`` built from HF tensors.
+
+    Args:
+        arch: The architecture map.
+        name: A global megatron parameter name (``decoder.layers.3.mlp.linear_fc1.weight``).
+        get_hf: Returns an HF tensor by its state-dict name.
+    """
+    module, leaf = _split_name(source_name(arch, name))
+    _, hprefix, rule = arch.rule_for_mcore(module)
+    if leaf == "bias" and not rule.hf_bias:
+        # Megatron switches biases on for groups of layers; HF's missing ones are zero.
+        weights = [get_hf(f"{hprefix}{hf}.weight") for hf in rule.hf]
+        rows = sum(w.shape[1] if rule.conv1d else w.shape[0] for w in weights)
+        return torch.zeros(rows, dtype=weights[0].dtype)
+    parts = [get_hf(f"{hprefix}{hf}.{leaf}") for hf in rule.hf]
+    if rule.conv1d and leaf == "weight":
+        parts = [p.t() for p in parts]
+    return arch.fuse(rule, parts).contiguous()
+
+
+def mcore_state_from_hf(arch: Arch, hf_state: Mapping[str, torch.Tensor], names=None) -> dict[str, torch.Tensor]:
+    """Full megatron tensors from an HF state dict (all of them, or ``names``)."""
+    names = arch.mcore_param_names() if names is None else names
+    return {name: mcore_tensor_from_hf(arch, name, hf_state.__getitem__) for name in names}
+
+
+def hf_tensors_from_mcore(arch: Arch, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The HF tensors that the full megatron tensor ``name`` holds.
+
+    Raises:
+        ValueError: If a bias that HF's architecture lacks is not zero (an
+            adapter with ``lora_bias`` was merged into it, say).
+    """
+    module, leaf = _split_name(name)
+    _, hprefix, rule = arch.rule_for_mcore(module)
+    if leaf == "bias" and not rule.hf_bias:
+        if tensor.count_nonzero().item():
+            raise ValueError(
+                f"{name} is not zero, but the HF {arch.model_type} model has no bias there; "
+                "it cannot be exported (was an adapter with lora_bias merged into it?)"
+            )
+        return {}
+    parts = arch.split(rule, tensor)
+    if rule.conv1d and leaf == "weight":
+        parts = [p.t() for p in parts]
+    return {f"{hprefix}{hf}.{leaf}": p.contiguous() for hf, p in zip(rule.hf, parts)}
+
+
+def hf_state_from_mcore(arch: Arch, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An HF state dict from full megatron tensors (the keys of ``model.state_dict()``).
+
+    A tied model's ``lm_head.weight`` is the embedding tensor itself, as in
+    transformers' own state dict. Megatron's copy of it on the last pipeline
+    stage is not read.
+
+    Raises:
+        KeyError: If a tensor of the model is missing from ``state``.
+    """
+    missing = [n for n in arch.mcore_param_names() if n not in state]
+    if missing:
+        raise KeyError(
+            f"{len(missing)} megatron tensor(s) missing for the HF export, e.g. {missing[:3]}: "
+            "pass every pipeline stage's model (and every virtual chunk)"
+        )
+    out = {}
+    for name in arch.mcore_param_names():
+        out.update(hf_tensors_from_mcore(arch, name, state[name]))
+    if arch.tied:
+        _, hprefix, rule = arch.rule_for_mcore(EMBEDDING)
+        out["lm_head.weight"] = out[f"{hprefix}{rule.hf[0]}.weight"]
+    return out
+
+
+# ---------------------------------------------------------------------- sources
+
+
+def shard_index_ranges(spec: ShardSpec, size: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """The contiguous ``[start, stop)`` ranges along ``spec.dim`` that make this rank's shard.
+
+    Derived from :meth:`ShardSpec.local` itself applied to indices, so a
+    sliced read can never disagree with the slicing rule.
+    """
+    index = spec.local(torch.arange(size).reshape([1] * spec.dim + [size]), rank, world).flatten().tolist()
+    ranges, start = [], index[0]
+    for prev, cur in zip(index, index[1:] + [None]):
+        if cur != prev + 1:
+            ranges.append((start, prev + 1))
+            start = cur
+    return ranges
+
+
+class WeightSource:
+    """Hands out shards of full megatron tensors, by global name.
+
+    Attributes:
+        arch: The architecture map.
+        hf_config: The HF config of the model.
+    """
+
+    def __init__(self, arch: Arch, hf_config):
+        self.arch = arch
+        self.hf_config = hf_config
+
+    def shape(self, name: str) -> tuple:
+        raise NotImplementedError
+
+    def local(self, name: str, spec: ShardSpec, rank: int, world: int) -> torch.Tensor:
+        """This rank's shard of the full tensor ``name``."""
+        raise NotImplementedError
+
+
+class HFModelSource(WeightSource):
+    """Converts tensors of an HF model in memory, one at a time."""
+
+    def __init__(self, arch: Arch, hf_config, hf_state: Mapping[str, torch.Tensor]):
+        super().__init__(arch, hf_config)
+        self.hf_state = hf_state
+
+    def _full(self, name: str) -> torch.Tensor:
+        return mcore_tensor_from_hf(self.arch, name, lambda k: self.hf_state[k].detach())
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._full(name).shape)
+
+    def local(self, name: str, spec: ShardSpec, rank: int, world: int) -> torch.Tensor:
+        return spec.local(self._full(name), rank, world)
+
+
+class SafetensorsSource(WeightSource):
+    """Reads shards from a safetensors file of full megatron tensors, slice by slice."""
+
+    def __init__(self, arch: Arch, hf_config, path: str):
+        from safetensors import safe_open
+
+        super().__init__(arch, hf_config)
+        self.path = path
+        self._file = safe_open(path, framework="pt")
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._file.get_slice(source_name(self.arch, name)).get_shape())
+
+    def local(self, name: str, spec: ShardSpec, rank: int, world: int) -> torch.Tensor:
+        handle = self._file.get_slice(source_name(self.arch, name))
+        shape = handle.get_shape()
+        if not spec.sharded or world == 1:
+            return handle[:]
+        if shape[spec.dim] % (spec.chunks * world):
+            return spec.local(handle[:], rank, world)  # ShardSpec raises its own clear error
+        pieces = []
+        for start, stop in shard_index_ranges(spec, shape[spec.dim], rank, world):
+            index = [slice(None)] * len(shape)
+            index[spec.dim] = slice(start, stop)
+            pieces.append(handle[tuple(index)])
+        return torch.cat(pieces, dim=spec.dim).contiguous()

@@ -1,0 +1,111 @@
+"""Helpers for the HF bridge tests: tiny random HF models, and logits at any layout.
+
+The tiny models are made in-process from transformers configs with a fixed
+seed, so every rank builds the same one. Their parameters (norms included)
+are perturbed away from their init, so that a wrong mapping of any tensor
+shows in the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SEQ = 16
+BATCH = 2
+VOCAB = 96
+
+
+def tiny_hf(kind: str, tied: bool = True, seed: int = 0, dtype=torch.float32, **overrides):
+    """A small random ``LlamaForCausalLM`` (GQA: 6 heads, 3 groups) or ``GPT2LMHeadModel``.
+
+    Shapes divide by 3 (and 2), so TP=3 fits; 4 layers, so PP=2 (and VPP=2) fit.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        fields = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=64,
+                      rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied)
+        fields.update(overrides)
+        model = LlamaForCausalLM(LlamaConfig(**fields))
+    elif kind == "gpt2":
+        fields = dict(vocab_size=VOCAB, n_embd=48, n_head=6, n_layer=4, n_positions=32, bos_token_id=0,
+                      eos_token_id=0, tie_word_embeddings=tied)
+        fields.update(overrides)
+        model = GPT2LMHeadModel(GPT2Config(**fields))
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    # transformers' reference attention (the default sdpa kernel rounds differently).
+    model.set_attn_implementation("eager")
+    return model.to(dtype).eval()
+
+
+def tokens(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, toks) -> torch.Tensor:
+    with torch.no_grad():
+        return model(toks).logits
+
+
+def mcore_logits(model, toks, hidden_size: int, dtype=torch.float32):
+    """Full-vocab logits ``[b, s, v]`` on the last pipeline stage, ``None`` on the others.
+
+    Pipeline stages pass activations with plain send/recv (one microbatch, forward only).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    b, s = toks.shape
+    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
+    with torch.no_grad():
+        if not ps.is_pipeline_first_stage():
+            hidden = torch.empty(s, b, hidden_size, dtype=dtype)
+            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        out = model(toks, position_ids, mask)
+        if not ps.is_pipeline_last_stage():
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            return None
+        return gather_from_tensor_model_parallel_region(out)
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def perturb_lora(peft_model, seed: int = 3, scale: float = 0.05) -> None:
+    """Give every LoRA factor (and DoRA magnitude) a TP-invariant random offset.
+
+    Each full factor is drawn from a generator seeded by its global name and
+    sliced with the layer's own shard spec, so every layout gets the same adapter.
+    """
+    import zlib
+
+    from megalora.layers import LoraLayer
+    from megalora.targeting import global_module_names
+
+    for chunk in peft_model:
+        names = global_module_names(chunk)
+        for local, layer in chunk.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            for adapter in layer.lora_A:
+                entries = [(layer.lora_B[adapter].weight, layer.b_spec, "B")]
+                if adapter in layer.lora_magnitude_vector:
+                    entries.append((layer.lora_magnitude_vector[adapter].weight, layer.magnitude_spec, "m"))
+                for param, spec, tag in entries:
+                    full_shape = list(param.shape)
+                    if spec.sharded:
+                        full_shape[spec.dim] *= layer.tp_size
+                    gen = torch.Generator().manual_seed(seed + zlib.crc32(f"{names[local]}|{tag}".encode()))
+                    noise = torch.randn(full_shape, generator=gen) * scale
+                    with torch.no_grad():
+                        param.add_(spec.local(noise, layer.tp_rank, layer.tp_size))
