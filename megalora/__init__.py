@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 from .config import LoraConfig
 from .model import LoraModel, PeftModel, get_peft_model
 from .runtime import init_distributed, init_parallel
+from .export import export_merged
 
 
 def sync_lora_grads(model) -> int:
@@ -36,6 +37,7 @@ __all__ = [
     "LoraModel",
     "PeftModel",
     "get_peft_model",
+    "export_merged",
     "init_distributed",
     "init_parallel",
     "sync_lora_grads",

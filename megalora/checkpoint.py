@@ -1,18 +1,30 @@
-"""Adapters on disk, in PEFT's format, at any TP/PP layout.
+"""Adapters on disk, in PEFT's format, at any TP/PP/VPP layout.
 
 A saved adapter holds *full* tensors keyed by *global* module names
 (``base_model.model.<global path>.lora_A.weight``), so it loads at any layout
-and in HF PEFT. Saving gathers each factor along its own split dimension and
-sends every stage's tensors to global rank 0, which alone writes; loading reads
-the full tensors on every rank and keeps this rank's slice, with the same
+and in HF PEFT. Saving gathers each factor along its own split dimension; the
+TP rank 0 of the first data-parallel replica of every pipeline stage (all
+virtual chunks of a stage live on the same ranks) sends its stage's tensors to
+global rank 0, which alone writes. Loading reads the full tensors on every
+rank and keeps this rank's slice, with the same
 :class:`~megalora.distributed.ShardSpec` the init uses.
 
-Files are written atomically (temporary file, fsync, rename), so a process
-killed mid-save leaves the previous adapter loadable.
+Both files are first written to temporary files in the target directory and
+fsynced, then renamed over the old ones (tensors first, config last), so a
+process killed mid-save leaves the previous adapter in place. The one window
+left is between the two renames (microseconds): it leaves the new tensors
+next to the old config, which is still loadable when the config did not
+change, and gives the clear "different r" error otherwise.
+
+Every problem found while loading (a missing or unexpected tensor, a shape or
+``r`` that differs, a config that names a module outside the megatron
+allowlist, a missing or corrupt file) is gathered from all ranks and raised on
+every rank before anything is written into the model.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -31,6 +43,8 @@ from .targeting import global_module_names
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
+# Bytes per write call: bounds each syscall, and lets a test stop a save half-way.
+_WRITE_CHUNK = 64 << 20
 
 
 def _version() -> str:
@@ -40,48 +54,28 @@ def _version() -> str:
 
 
 def _layout() -> dict:
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            return {
-                "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
-                "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
-                "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size(),
-                "world_size": dist.get_world_size(),
-            }
-    except ImportError:
-        pass
-    return {"world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    ps = D._parallel_state()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if ps is None:
+        return {"world_size": world}
+    return {
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "world_size": world,
+    }
 
 
-def _is_stage_writer() -> bool:
-    """Whether this rank holds the tensors its pipeline stage contributes (TP and DP rank 0)."""
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-    except ImportError:
-        pass
-    return not dist.is_initialized() or dist.get_rank() == 0
+def _is_gated_fc1(module, global_name: str) -> bool:
+    config = getattr(module, "config", None)
+    return global_name.split(".")[-1] == "linear_fc1" and bool(getattr(config, "gated_linear_unit", False))
 
 
-def _model_tp_group():
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            return ps.get_tensor_model_parallel_group()
-    except ImportError:
-        pass
-    return None
-
-
-def _param_spec(param: torch.Tensor) -> D.ShardSpec:
-    if getattr(param, "tensor_model_parallel", False):
-        return D.ShardSpec(dim=param.partition_dim)
-    return D.FULL
+def _saved_module_entries(wrapper, adapter: str, global_name: str) -> list[tuple[str, torch.Tensor, D.ShardSpec]]:
+    """``(saved suffix, local tensor, spec)`` for a ``modules_to_save`` copy's parameters."""
+    copy = wrapper.modules_to_save[adapter]
+    chunks = 2 if _is_gated_fc1(copy, global_name) else 1
+    return [(pname, p, D.param_shard_spec(p, chunks)) for pname, p in copy.named_parameters()]
 
 
 def _layer_entries(layer: LoraLayer, adapter: str) -> list[tuple[str, torch.Tensor, D.ShardSpec]]:
@@ -98,53 +92,61 @@ def _layer_entries(layer: LoraLayer, adapter: str) -> list[tuple[str, torch.Tens
     return out
 
 
-def adapter_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:
-    """Collective over each TP group: this stage's full tensors of ``adapter``, PEFT keys."""
+def _adapter_entries(peft_model, adapter: str):
+    """Yield ``(PEFT key, local tensor, spec, TP group)`` for this rank's tensors of ``adapter``.
+
+    The order is the module order, the same on every rank of a TP group.
+    """
     from .layers.modules_to_save import ModulesToSaveWrapper
 
     model = peft_model.base_model.model
     names = global_module_names(model)
-    state = {}
     for local_name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             for suffix, tensor, spec in _layer_entries(module, adapter):
-                full = D.gather_full(tensor.detach(), spec, module.tp_group)
-                state[f"{PREFIX}{names[local_name]}.{suffix}"] = full.to("cpu", copy=True).contiguous()
+                yield f"{PREFIX}{names[local_name]}.{suffix}", tensor, spec, module.tp_group
         elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
-            for pname, param in module.modules_to_save[adapter].named_parameters():
-                full = D.gather_full(param.detach(), _param_spec(param), _model_tp_group())
-                state[f"{PREFIX}{names[local_name]}.{pname}"] = full.to("cpu", copy=True).contiguous()
+            for suffix, tensor, spec in _saved_module_entries(module, adapter, names[local_name]):
+                yield f"{PREFIX}{names[local_name]}.{suffix}", tensor, spec, D.model_tp_group()
+
+
+def adapter_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:
+    """Collective over each TP group: this stage's full tensors of ``adapter``, PEFT keys, on the CPU."""
+    state = {}
+    for key, tensor, spec, group in _adapter_entries(peft_model, adapter):
+        full = D.gather_full(tensor.detach(), spec, group)
+        state[key] = full.to("cpu", copy=True).contiguous()
     return state
 
 
-def _gather_stages(state: dict) -> Optional[dict]:
-    """Collective: every stage's tensors, merged on global rank 0 (``None`` elsewhere)."""
+def _gather_stages(state: dict) -> tuple[Optional[dict], Optional[str]]:
+    """Collective: every stage's tensors merged on global rank 0.
+
+    Returns:
+        ``(merged, problem)`` on rank 0, ``(None, None)`` elsewhere. A key that
+        two stages hold with different values is a problem (it would make the
+        file depend on the layout).
+    """
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return state
-    payload = state if _is_stage_writer() else {}
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(payload, parts, dst=0)
-    if dist.get_rank() != 0:
-        return None
-    merged = {}
+        return state, None
+    parts = D.gather_objects(state if D.is_stage_writer() else {}, dst=0)
+    if parts is None:
+        return None, None
+    merged, clash = {}, []
     for part in parts:
-        merged.update(part)
-    return merged
+        for key, value in part.items():
+            if key in merged and not torch.equal(merged[key], value):
+                clash.append(key)
+            merged.setdefault(key, value)
+    if clash:
+        return merged, f"pipeline stages disagree on {clash[:3]}: one module saved twice with different values"
+    return merged, None
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# ---------------------------------------------------------------------- files
+
+
+def _fsync_dir(directory: str) -> None:
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -152,42 +154,121 @@ def _atomic_write(path: str, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def _stage_file(path: str, data: bytes) -> str:
+    """Write ``data`` to a synced temporary file next to ``path``; return its name."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        view = memoryview(data)
+        for start in range(0, len(view), _WRITE_CHUNK):
+            chunk = view[start:start + _WRITE_CHUNK]
+            while chunk:
+                chunk = chunk[os.write(fd, chunk):]
+        os.fsync(fd)
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; adapters are meant to be shared
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    os.replace(_stage_file(path, data), path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    """Temporary files of saves that were killed before their rename."""
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for stale in glob.glob(os.path.join(glob.escape(directory), f".{name}.*.tmp")):
+            try:
+                os.unlink(stale)
+            except FileNotFoundError:
+                pass
+
+
 def write_adapter(directory: str, config: LoraConfig, state: dict[str, torch.Tensor]) -> None:
-    """Write PEFT's two files into ``directory`` (tensors first, config last)."""
+    """Write PEFT's two files into ``directory``, each atomically.
+
+    Both are staged and synced before either is renamed, so the old pair is
+    replaced only once the new one is complete on disk.
+    """
     os.makedirs(directory, exist_ok=True)
+    _remove_stale_temporaries(directory)
     metadata = {"format": "pt", "megalora_version": _version(), "megalora_layout": json.dumps(_layout())}
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), safetensors_bytes(state, metadata=metadata))
     saved = config.copy() if hasattr(config, "copy") else config
     saved.inference_mode = True
-    _atomic_write(os.path.join(directory, CONFIG_NAME), saved.to_json_string().encode())
+    weights_path, config_path = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, CONFIG_NAME)
+    staged = []
+    try:
+        staged.append(_stage_file(weights_path, safetensors_bytes(state, metadata=metadata)))
+        staged.append(_stage_file(config_path, saved.to_json_string().encode()))
+    except BaseException:
+        for tmp in staged:
+            os.unlink(tmp)
+        raise
+    os.replace(staged[0], weights_path)
+    os.replace(staged[1], config_path)
+    _fsync_dir(directory)
 
 
 def save_adapters(
-    peft_model, save_directory: str, selected_adapters: Optional[Sequence[str]] = None, **_ignored
+    peft_model,
+    save_directory: str,
+    selected_adapters: Optional[Sequence[str]] = None,
+    safe_serialization: bool = True,
+    **_ignored,
 ) -> None:
     """Save adapters in PEFT's layout: ``default`` at the top, others in subfolders.
 
     Collective under ``torch.distributed``: every rank must call it. Only global
-    rank 0 writes.
+    rank 0 writes; an error there (a full disk, say) is raised on every rank.
+
+    Raises:
+        ValueError: For an unknown adapter, a ``save_directory`` that is a
+            file, or ``safe_serialization=False`` (only safetensors are written).
     """
     available = list(peft_model.peft_config)
     adapters = available if selected_adapters is None else list(selected_adapters)
     unknown = [a for a in adapters if a not in available]
     if unknown:
         raise ValueError(f"selected_adapters {unknown} do not exist; available adapters: {available}")
+    if not safe_serialization:
+        raise ValueError("safe_serialization=False: megalora writes only safetensors (no pickle); drop the argument")
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {save_directory!r} is a file; give a directory path")
+    error = None
     for adapter in adapters:
-        state = _gather_stages(adapter_state_dict(peft_model, adapter))
-        if state is not None:
-            target = save_directory if adapter == "default" else os.path.join(save_directory, adapter)
+        state, problem = _gather_stages(adapter_state_dict(peft_model, adapter))
+        error = error or problem
+        if state is None or error:
+            continue
+        target = save_directory if adapter == "default" else os.path.join(save_directory, adapter)
+        try:
             write_adapter(target, peft_model.peft_config[adapter], state)
-    if dist.is_initialized():
-        dist.barrier()
+        except OSError as exc:  # keep taking part in the other adapters' collectives
+            error = f"saving adapter {adapter!r} to {target!r} failed on rank 0: {exc}"
+    D.agree_or_raise(error)
 
 
 # ---------------------------------------------------------------------- loading
 
+
+def read_adapter_config(model_id: str) -> LoraConfig:
+    """Collective: the adapter's config, or the same clear error on every rank.
+
+    Reading validates every field, so a hand-edited ``megatron_core`` outside
+    the ``megatron.`` allowlist is refused before anything is imported.
+    """
+    config, error = None, None
+    try:
+        config = LoraConfig.from_pretrained(model_id)
+    except (OSError, ValueError, TypeError, NotImplementedError) as exc:
+        error = f"cannot use the adapter config in {model_id!r}: {exc}"
+    D.agree_or_raise(error)
+    return config
 
 
 def read_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
@@ -201,18 +282,28 @@ def read_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
         return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
+def _shape_problem(key: str, file_shape: tuple, expected: tuple) -> str:
+    r_dim = {"lora_A.weight": 0, "lora_B.weight": 1}.get(".".join(key.split(".")[-2:]))
+    if r_dim is not None and len(file_shape) == len(expected) == 2:
+        other = 1 - r_dim
+        if file_shape[other] == expected[other] and file_shape[r_dim] != expected[r_dim]:
+            return (
+                f"different r for {key}: the file holds r={file_shape[r_dim]}, the config asks r={expected[r_dim]}; "
+                "make r / rank_pattern in adapter_config.json match the saved tensors"
+            )
+    return (
+        f"shape mismatch for {key}: the file has {file_shape}, the model needs {expected} "
+        "(was the adapter saved for another model?)"
+    )
+
+
 def _plan_load(peft_model, adapter: str, tensors: dict) -> tuple[list, set, list[str]]:
     """Match file tensors to this rank's parameters; collect every problem as text."""
-    from .layers.modules_to_save import ModulesToSaveWrapper
-
-    model = peft_model.base_model.model
-    names = global_module_names(model)
     plan, used, problems = [], set(), []
-
-    def take(key, param, spec, group):
+    for key, param, spec, group in _adapter_entries(peft_model, adapter):
         if key not in tensors:
-            problems.append(f"missing tensor {key} in the adapter file")
-            return
+            problems.append(f"missing tensor {key} in the adapter file: the config targets a module it lacks")
+            continue
         used.add(key)
         full = tensors[key]
         world = D.group_size(group)
@@ -220,20 +311,9 @@ def _plan_load(peft_model, adapter: str, tensors: dict) -> tuple[list, set, list
         if spec.sharded:
             expected[spec.dim] *= world
         if list(full.shape) != expected:
-            problems.append(
-                f"shape mismatch for {key}: the file has {tuple(full.shape)}, the model needs {tuple(expected)} "
-                "(was the adapter saved with another r, or for another model?)"
-            )
-            return
+            problems.append(_shape_problem(key, tuple(full.shape), tuple(expected)))
+            continue
         plan.append((param, spec.local(full, D.group_rank(group), world)))
-
-    for local_name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            for suffix, param, spec in _layer_entries(module, adapter):
-                take(f"{PREFIX}{names[local_name]}.{suffix}", param, spec, module.tp_group)
-        elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
-            for pname, param in module.modules_to_save[adapter].named_parameters():
-                take(f"{PREFIX}{names[local_name]}.{pname}", param, _param_spec(param), _model_tp_group())
     return plan, used, problems
 
 
@@ -244,14 +324,19 @@ def load_adapter_weights(peft_model, directory: str, adapter: str) -> None:
     tensors that no rank used, are gathered once, and every rank raises the
     same error before anything is written.
     """
-    tensors = read_adapter_tensors(directory)
-    plan, used, problems = _plan_load(peft_model, adapter, tensors)
+    tensors, plan, used, problems = {}, [], set(), []
+    try:
+        tensors = read_adapter_tensors(directory)
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file: report it on every rank
+        problems.append(f"cannot read the adapter tensors in {directory!r}: {exc}")
+    if not problems:
+        plan, used, problems = _plan_load(peft_model, adapter, tensors)
     all_used = set().union(*D.all_gather_objects(used))
     unexpected = sorted(set(tensors) - all_used)
     if unexpected:
         problems.append(
             f"{len(unexpected)} tensor(s) in {directory} match no module of the model, e.g. {unexpected[:3]}; "
-            "the adapter was made for another model or config"
+            "the adapter was made for another model, or its target_modules differ from the saved ones"
         )
     D.agree_or_raise("; ".join(problems[:5]) if problems else None)
     with torch.no_grad():
@@ -260,25 +345,45 @@ def load_adapter_weights(peft_model, directory: str, adapter: str) -> None:
 
 
 def load_adapter(peft_model, model_id: str, adapter_name: str = "default", is_trainable: bool = False, **_ignored):
-    """Add a saved adapter to an existing ``PeftModel`` (PEFT's ``load_adapter``)."""
-    config = LoraConfig.from_pretrained(model_id)
+    """Collective: add a saved adapter to an existing ``PeftModel`` (PEFT's ``load_adapter``).
+
+    On any error the half-added adapter is removed again.
+    """
+    config = read_adapter_config(model_id)
     config.inference_mode = not is_trainable
+    # Injecting re-applies the active adapters' trainability with the new config's
+    # inference_mode; as in PEFT, the existing parameters keep theirs.
+    before = {id(p): p.requires_grad for p in peft_model.parameters()}
     peft_model.base_model.inject_adapter(adapter_name, config)
-    peft_model.base_model.set_adapter(peft_model.active_adapter, inference_mode=False)
-    load_adapter_weights(peft_model, model_id, adapter_name)
-    if not is_trainable:
-        for module in peft_model.base_model._adapter_modules():
-            for layer_name in getattr(module, "adapter_layer_names", ("modules_to_save",)):
-                container = getattr(module, layer_name)
-                if adapter_name in container:
-                    container[adapter_name].requires_grad_(False)
+    for param in peft_model.parameters():
+        if id(param) in before:
+            param.requires_grad_(before[id(param)])
+    try:
+        load_adapter_weights(peft_model, model_id, adapter_name)
+    except BaseException:
+        peft_model.base_model.delete_adapter(adapter_name)
+        raise
+    # PEFT: the new adapter is trainable everywhere (active or not) exactly when is_trainable.
+    for module in peft_model.base_model._adapter_modules():
+        for layer_name in getattr(module, "adapter_layer_names", ("modules_to_save",)):
+            container = getattr(module, layer_name)
+            if adapter_name in container:
+                container[adapter_name].requires_grad_(is_trainable)
 
 
 def from_pretrained(cls, model, model_id, adapter_name, is_trainable, config=None, **_ignored):
-    """Build a ``cls`` (PeftModel) on ``model`` from the adapter saved in ``model_id``."""
+    """Collective: build a ``cls`` (PeftModel) on ``model`` from the adapter saved in ``model_id``.
+
+    On a load error the base model's original layers are put back before the
+    error is raised.
+    """
     if config is None:
-        config = LoraConfig.from_pretrained(model_id)
+        config = read_adapter_config(model_id)
     config.inference_mode = not is_trainable
     peft_model = cls(model, config, adapter_name)
-    load_adapter_weights(peft_model, model_id, adapter_name)
+    try:
+        load_adapter_weights(peft_model, model_id, adapter_name)
+    except BaseException:
+        peft_model.base_model.unload()
+        raise
     return peft_model

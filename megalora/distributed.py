@@ -60,8 +60,8 @@ class ShardSpec:
         if self.dim is None or len(shards) == 1:
             return shards[0]
         per_rank_blocks = [s.chunk(self.chunks, dim=self.dim) for s in shards]
-        blocks = [torch.cat([p[c] for p in per_rank_blocks], dim=self.dim) for c in range(self.chunks)]
-        return torch.cat(blocks, dim=self.dim)
+        # One cat over the reordered views: the full tensor is allocated once.
+        return torch.cat([p[c] for c in range(self.chunks) for p in per_rank_blocks], dim=self.dim)
 
 
 FULL = ShardSpec()
@@ -79,17 +79,28 @@ def group_rank(group: ProcessGroup) -> int:
     return dist.get_rank(group)
 
 
-def gather_full(local: torch.Tensor, spec: ShardSpec, group: ProcessGroup) -> torch.Tensor:
+def gather_full(local: torch.Tensor, spec: ShardSpec, group: ProcessGroup,
+                dst: Optional[int] = None) -> Optional[torch.Tensor]:
     """Collective: rebuild the full tensor from every rank's shard.
 
     Every rank of ``group`` must call it. A tensor with an unsharded spec is
-    returned as is, with no communication.
+    returned as is, with no communication. With ``dst`` (a rank of ``group``)
+    only that rank gets the full tensor and the others ``None``, so that they
+    never hold it.
     """
     world = group_size(group)
+    root = dst if group is None or dst is None else dist.get_global_rank(group, dst)
+    if dst is not None and group_rank(group) != dst:
+        if spec.sharded and world > 1:
+            dist.gather(local.contiguous(), None, dst=root, group=group)
+        return None
     if not spec.sharded or world == 1:
         return local
     shards = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(shards, local.contiguous(), group=group)
+    if dst is None:
+        dist.all_gather(shards, local.contiguous(), group=group)
+    else:
+        dist.gather(local.contiguous(), shards, dst=root, group=group)
     return spec.full_from_shards(shards)
 
 

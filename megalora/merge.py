@@ -5,13 +5,16 @@ TP group first (``[r, in]`` or ``[out, r]``: small), the math runs identically
 on every rank, and each rank keeps its slice of the result. So TP=2 gives the
 same adapter as TP=1, and a random mask (DARE) is the same on every rank of a
 group because all ranks draw it from the same generator state on the same full
-shape.
+shape: with DARE, every rank first takes its TP (and DP) group's rank-0 global
+RNG state.
 
 Which methods need a layer's full ``ΔW = Σ scale·B@A``:
 
 * ``svd`` does not: ΔW is the product of two concatenated factors, so it is
   decomposed through a QR of each factor and the SVD of a small ``R×R`` core
-  (``R`` = the sum of the ranks).
+  (``R`` = the sum of the ranks). With ``svd_clamp`` it does, because the
+  clamp's quantile depends on the singular vectors' signs, which then must be
+  LAPACK's on the full ΔW, as in PEFT.
 * ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd`` and
   ``magnitude_prune_svd`` do: their pruning and sign election act on ΔW's
   entries. They build the full ΔW of the layer (from gathered factors), as
@@ -277,6 +280,9 @@ def add_weighted_adapter(
     )
     lora_model.inject_adapter(adapter_name, new_config)
     if method.startswith("dare"):
+        # Every replica of a tensor (TP and DP ranks of a stage) must draw the
+        # same masks, whatever each rank drew from its generator before.
+        D.sync_rng_state(D.replica_groups())
         _advance_rng_like_peft(lora_model, adapter_name, new_config)
     opts = dict(
         density=density, majority=majority_sign_method, clamp=svd_clamp, full_matrices=svd_full_matrices,

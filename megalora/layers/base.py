@@ -426,27 +426,22 @@ class LoraLayer(nn.Module):
     def _add_lora_out(
         self, result: torch.Tensor, adapter: str, x: torch.Tensor, scaling: float, inplace: bool = False
     ) -> torch.Tensor:
-        """``result + scaling · B(A(x))`` for already dropped-out ``x``, in one GEMM for B.
+        """``result + scaling · B(A(x))`` for already dropped-out ``x``.
 
-        ``addmm`` folds the scale and the add into B's GEMM. Writing ``B(A(x))``
-        out, scaling it and adding it would cost three passes over an
-        output-sized tensor, and one more in backward for the scale: at the
-        hidden sizes where a rank-r GEMM is cheap, those passes are much of
-        LoRA's cost.
+        The operations and their order are PEFT's (``B(A(x))``, then the scale,
+        then the add), so outputs match PEFT's bit for bit on the same weights;
+        the scale and the add run in place on the fresh ``B(A(x))`` (and on
+        ``result`` when the caller owns it) to spare output-sized allocations.
         """
         a = self._factor_weight(self.lora_A[adapter], self.a_spec)
         b_mod = self.lora_B[adapter]
         b = self._factor_weight(b_mod, self.b_spec)
         bias = None if self.b_output_is_partial else b_mod.bias
-        h = F.linear(x, a)
-        if h.dtype != result.dtype:  # e.g. fp32 LoRA on a bf16 base: keep PEFT's type promotion
-            return result + F.linear(h, b, bias) * scaling
-        h2 = h.reshape(-1, h.shape[-1])
-        if inplace and result.dim() == 2:
-            out = result.addmm_(h2, b.t(), alpha=scaling)
-        else:
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), h2, b.t(), alpha=scaling).view(result.shape)
-        return out if bias is None else out + bias * scaling
+        lora = F.linear(F.linear(x, a), b, bias)
+        if lora.dtype != result.dtype:  # e.g. fp32 LoRA on a bf16 base: keep PEFT's type promotion
+            return result + lora * scaling
+        lora = lora.mul_(scaling)
+        return result.add_(lora) if inplace else result + lora
 
     def _apply_adapters(
         self, x: torch.Tensor, result: torch.Tensor, base_bias: Optional[torch.Tensor], inplace: bool = False

@@ -57,6 +57,47 @@ def _tp_group(base: nn.Module):
     return group
 
 
+class _FrozenLinearLora(torch.autograd.Function):
+    """``x Wᵀ + bias + s·(x Aᵀ) Bᵀ`` for a frozen ``W``, as one autograd node (2-D ``x``).
+
+    Built from autograd ops, the LoRA path costs more than its four small
+    GEMMs: the input gradient arrives as two tensors summed in one more pass,
+    B's gradient comes out of the slower GEMM orientation, and the TP grad
+    scale of a replicated factor is one more node. Here the backward
+    accumulates LoRA's input gradient into the base's (``addmm_``), and only
+    ``x`` (for A's gradient; the frozen ``W`` needs none), ``x Aᵀ`` and the
+    weights are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale, a_grad_scale, b_grad_scale):
+        out = F.linear(x, weight, bias)
+        h = F.linear(x, a)
+        # PEFT's order (product, scale, add) so that outputs match PEFT's bit
+        # for bit; addmm's alpha would round differently.
+        out.add_(F.linear(h, b).mul_(scale))
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scales = (scale, a_grad_scale, b_grad_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a, b, h = ctx.saved_tensors
+        scale, a_grad_scale, b_grad_scale = ctx.scales
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        grad_x = grad_a = grad_b = None
+        if need_b:
+            # h^T·grad is the fast orientation; transposed back, it is B's [out, r] gradient.
+            grad_b = (h.t() @ grad).mul_(scale * b_grad_scale).t()
+        if need_x or need_a:
+            grad_h = (grad @ b).mul_(scale)
+            if need_a:
+                grad_a = (grad_h.t() @ x).mul_(a_grad_scale)
+            if need_x:
+                grad_x = (grad @ weight).addmm_(grad_h, a)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
 class _ParallelLoraLayer(LoraLayer):
     """What column and row variants share."""
 
@@ -90,6 +131,33 @@ class _ParallelLoraLayer(LoraLayer):
             return factor.weight
         return D.scale_grad(factor.weight, float(self.tp_size))
 
+    def _base_and_lora(self, x2: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        """Base GEMM (bias folded in) plus every active adapter, for a 2-D ``x2``.
+
+        The common training case (a frozen base, one plain LoRA adapter, no
+        dropout, one dtype, no autocast) runs as one :class:`_FrozenLinearLora`
+        node; anything else composes autograd ops through ``_apply_adapters``.
+        """
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        if len(names) == 1:
+            name = names[0]
+            a, b = self.lora_A[name].weight, self.lora_B[name]
+            dropout = self.lora_dropout[name]
+            if not (
+                self.use_dora[name]
+                or b.bias is not None
+                or weight.requires_grad
+                or (bias is not None and bias.requires_grad)
+                or (self.training and not isinstance(dropout, nn.Identity))
+                or not (x2.dtype == weight.dtype == a.dtype == b.weight.dtype)
+                or torch.is_autocast_enabled(x2.device.type)
+            ):
+                tp = float(self.tp_size)
+                a_scale = 1.0 if self.a_spec.sharded else tp
+                b_scale = 1.0 if self.b_spec.sharded else tp
+                return _FrozenLinearLora.apply(x2, weight, bias, a, b.weight, self.scaling[name], a_scale, b_scale)
+        return self._apply_adapters(x2, F.linear(x2, weight, bias), bias, inplace=True)
+
     def _tag_parameters(self, adapter_name: str) -> None:
         specs = {
             "lora_A": (self.a_spec, self.a_spec),
@@ -106,6 +174,50 @@ class _ParallelLoraLayer(LoraLayer):
                     D.mark_tp_sharded(param, spec.dim, 1)
                 else:
                     D.mark_tp_replicated(param)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict = None) -> dict:
+        """megatron-core distributed checkpointing: the base layer's tensors, then every adapter's.
+
+        Checkpoint keys of the base layer stay its own (``<prefix>weight``), so a
+        base-model checkpoint loads into the adapted model; the dict keys follow
+        this module's ``state_dict`` (``<prefix>base_layer.weight``), so
+        ``load_state_dict`` takes what ``dist_checkpointing.load`` returns.
+        Each factor is one :func:`~megalora.distributed.sharded_tensor` under
+        ``<prefix>lora_A.<adapter>.weight`` with its own shard spec: sharded
+        factors are written by every TP rank, replicated ones once, and a gated
+        ``linear_fc1``'s B (and base weight) in the canonical ``[gate; up]``
+        layout, so an adapter saved at one TP/PP layout loads at any other.
+        """
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        singleton = bool(metadata.get("singleton_local_shards", False))
+        base = self.get_base_layer()
+        out = {}
+        for key, value in base.sharded_state_dict(prefix, sharded_offsets, metadata).items():
+            leaf = key[len(prefix):]
+            if self.b_spec.chunks == 2 and leaf in ("weight", "bias"):
+                # megatron-core's MLP applies this to linear_fc1's own keys, which
+                # are renamed here; the SwiGLU layout must still be respected.
+                from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+                value = apply_swiglu_sharded_factory(value, sharded_offsets, singleton)
+            out[f"{prefix}base_layer.{leaf}"] = value
+        dp_rank = D.group_rank(metadata["dp_cp_group"])
+        bias_spec = self.b_spec if self.b_spec.dim == 0 else D.FULL
+        for layer_name, weight_spec, b_spec in (
+            ("lora_A", self.a_spec, D.FULL),
+            ("lora_B", self.b_spec, bias_spec),
+            ("lora_magnitude_vector", self.magnitude_spec, D.FULL),
+        ):
+            for adapter, module in getattr(self, layer_name).items():
+                for pname, param in module.named_parameters():
+                    key = f"{prefix}{layer_name}.{adapter}.{pname}"
+                    spec = weight_spec if pname == "weight" else b_spec
+                    out[key] = D.sharded_tensor(
+                        param, key, spec, self.tp_rank, self.tp_size, dp_rank, tuple(sharded_offsets), singleton
+                    )
+        return out
 
 
 class LoraColumnParallelLinear(_ParallelLoraLayer):
@@ -135,10 +247,12 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
             x_in = m.copy_to_tensor_model_parallel_region(x, group=group)
         else:
             x_in = x
-        out = F.linear(x_in, weight)
-        out = self._apply_adapters(x_in, out, None)
-        if base.bias is not None and not base.skip_bias_add:
-            out = out + base.bias
+        # In 2-D, the bias joins the base GEMM and LoRA adds into its output in
+        # place: no pass over the output outside a GEMM (DoRA takes the bias back out).
+        x2 = x_in.reshape(-1, x_in.shape[-1])
+        bias = base.bias if base.bias is not None and not base.skip_bias_add else None
+        out = self._base_and_lora(x2, weight, bias)
+        out = out.view(*x_in.shape[:-1], out.shape[-1])
         gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             out = m.gather_from_tensor_model_parallel_region(out, group=group)
@@ -172,8 +286,9 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
             x_par = x
         else:
             x_par = m.scatter_to_tensor_model_parallel_region(x, group=group)
-        partial = F.linear(x_par, base.weight)
-        partial = self._apply_adapters(x_par, partial, None)
+        x2 = x_par.reshape(-1, x_par.shape[-1])
+        partial = self._base_and_lora(x2, base.weight, None)
+        partial = partial.view(*x_par.shape[:-1], partial.shape[-1])
         if getattr(base, "explicit_expert_comm", False):
             out = partial
         elif self._sequence_parallel:

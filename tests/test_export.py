@@ -1,0 +1,192 @@
+"""Merged export and merge_and_unload under TP/PP/VPP, against TP=1.
+
+One body on 2 ranks builds the same model (reference weights, the same two
+adapters moved off their init) at TP=1, TP=2 and PP=2 x VPP=2, and at each:
+
+* ``export_merged`` writes files that are byte-identical to TP=1's;
+* at TP=1 the export equals what ``merge_and_unload`` puts in the model;
+* ``merge_and_unload`` gathers no base weight (no all-gather, no p2p), its
+  logits equal the unmerged adapters', and its gathered weights equal the
+  exported ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+from tests import io_utils as U
+
+SAVED = dict(modules_to_save=["output_layer"])
+# DoRA after a plain adapter: its norm must use the weight before both. lora_bias stays
+# off DoRA's layers: there, PEFT's forward scales a previous adapter's bias by m/‖W‖ too.
+EXTRA = {
+    "dora": dict(r=2, lora_alpha=4, use_dora=True, target_modules=["linear_fc1", "linear_proj"]),
+    "bias": dict(r=2, lora_alpha=2, lora_bias=True, target_modules=["linear_qkv", "linear_fc2"]),
+}
+ADAPTERS = ["default", "dora", "bias"]
+LAYOUTS = {"tp1": {}, "tp2": dict(tp=2), "pp2-vpp2": dict(pp=2, vpp=2)}
+SHARD = 60_000  # bytes: several shards for a 4-layer hidden-64 model
+
+
+def _files(directory: str) -> dict:
+    return {n: hashlib.sha256(open(os.path.join(directory, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(directory))}
+
+
+def _read_export(directory: str) -> dict:
+    from safetensors.torch import load_file
+
+    index = json.load(open(os.path.join(directory, "model.safetensors.index.json")))
+    out = {}
+    for name in sorted(set(index["weight_map"].values())):
+        out.update(load_file(os.path.join(directory, name)))
+    assert set(out) == set(index["weight_map"]), "index and shards disagree"
+    return out
+
+
+def _full_weights(chunks) -> dict:
+    """Collective: the plain (merged) model's full weights by global name, on every rank."""
+    from megalora import distributed as D
+    from megalora.targeting import global_module_names
+
+    local = {}
+    for chunk in chunks:
+        names = global_module_names(chunk)
+        for mname, module in chunk.named_modules():
+            gated = mname.endswith("linear_fc1")
+            for pname, param in module.named_parameters(recurse=False):
+                full = D.gather_full(param.detach(), D.param_shard_spec(param, 2 if gated else 1), D.model_tp_group())
+                if D.is_stage_writer():
+                    local[f"{names[mname]}.{pname}" if names[mname] else pname] = full.clone()
+    return U.everywhere(local)
+
+
+def _adapted(model):
+    import megalora
+
+    peft = megalora.get_peft_model(model, U.lora_config(**SAVED))
+    for name, config in EXTRA.items():
+        peft.add_adapter(name, U.lora_config(**config))
+    for adapter in ADAPTERS:
+        U.perturb(peft, adapter)
+    return peft
+
+
+def _export_body(root: str):
+    import megalora
+    from megalora.distributed import count_collectives
+    from megalora.runtime import destroy_parallel
+
+    full = U.reference_weights()
+    out = {}
+    for name, layout in LAYOUTS.items():
+        peft = _adapted(U.build(full, **layout))
+        target = os.path.join(root, name)
+        summary = megalora.export_merged(peft, target, adapter_names=ADAPTERS, max_shard_size=SHARD,
+                                         progressbar=False)
+        exported = _read_export(target)
+        peft.set_adapter(ADAPTERS)
+        unmerged = U.pipeline_logits(peft.get_base_model())
+        with count_collectives() as log:
+            plain = peft.merge_and_unload(adapter_names=ADAPTERS)
+        chunks = plain if isinstance(plain, list) else [plain]
+        merged = _full_weights(chunks)
+        assert merged.keys() == exported.keys(), sorted(merged.keys() ^ exported.keys())[:4]
+        exact = all(torch.equal(merged[k], exported[k]) for k in merged)
+        for key in merged:
+            U.assert_close(exported[key], merged[key], 1e-6, f"{name}: exported vs merge_and_unload {key}")
+        U.assert_close(unmerged, U.pipeline_logits(chunks), 1e-5, f"{name}: merged vs unmerged logits")
+        out[name] = dict(files=_files(target), exact=exact, calls=dict(log.calls), summary=summary)
+        destroy_parallel()
+    # A second export with one shard replaces the earlier shards.
+    peft = _adapted(U.build(full))
+    megalora.export_merged(peft, os.path.join(root, "tp1"), adapter_names=ADAPTERS, progressbar=False)
+    out["reexport"] = sorted(os.listdir(os.path.join(root, "tp1")))
+    destroy_parallel()
+    return out
+
+
+def test_export_is_layout_independent_and_merge_is_local(dist2, tmp_path):
+    results = dist2(_export_body, str(tmp_path), timeout_s=600)
+    out = results[0]
+    ref = out["tp1"]["files"]
+    assert len(ref) > 3 and "model.safetensors.index.json" in ref
+    for name in LAYOUTS:
+        assert out[name]["files"] == ref, f"export at {name} differs from TP=1's byte for byte"
+        calls = out[name]["calls"]
+        moved = {k: v for k, v in calls.items() if "gather" in k or k in ("send", "recv", "isend", "irecv",
+                                                                            "broadcast", "batch_isend_irecv")}
+        assert not moved, f"{name}: merge_and_unload moved weights: {calls}"
+    assert out["tp1"]["summary"]["num_tensors"] > 0 and results[1] is not None
+    assert out["reexport"] == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+
+
+def _content_body(root: str):
+    """The export at TP=2 of one plain LoRA adapter, the reference weights, and the adapter itself."""
+    import megalora
+    from megalora.runtime import destroy_parallel
+
+    full = U.reference_weights()
+    peft = megalora.get_peft_model(U.build(full, tp=2), U.lora_config())
+    U.perturb(peft, "default")
+    megalora.export_merged(peft, os.path.join(root, "export"), progressbar=False)
+    adapter = U.gathered(peft)
+    destroy_parallel()
+    return _read_export(os.path.join(root, "export")), full, adapter
+
+
+def test_export_holds_the_canonical_merged_weights(dist2, tmp_path):
+    exported, full, adapter = dist2(_content_body, str(tmp_path), timeout_s=600)[0]
+    assert set(exported) == set(full), "keys must be megatron global names, one per parameter"
+    index = json.load(open(tmp_path / "export" / "model.safetensors.index.json"))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in full.values())
+    scaling = 8 / 4
+    for key in full:
+        module = key.rsplit(".", 1)[0]
+        a = adapter.get(f"base_model.model.{module}.lora_A.weight")
+        if a is None or not key.endswith(".weight"):
+            assert torch.equal(exported[key], full[key]), f"{key} has no adapter but changed"
+            continue
+        b = adapter[f"base_model.model.{module}.lora_B.weight"]
+        # Gated fc1 included: the export is the canonical [gate; up] layout the adapter file uses.
+        U.assert_close(exported[key], full[key] + scaling * b @ a, 1e-6, key)
+
+
+def _tied_body(root: str):
+    """Tied embeddings: PP=2's last stage holds a copy of the word embeddings, exported once."""
+    import megalora
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from megalora.runtime import destroy_parallel
+    from tests import gpt_utils as G
+
+    full, out = None, {}
+    for name, pp in (("pp1", 1), ("pp2", 2)):
+        megalora.init_parallel(pipeline_model_parallel_size=pp, seed=1234)
+        config = G.gpt_config(pp=pp, num_layers=2)
+        model = GPTModel(config, G.layer_spec(config), vocab_size=G.VOCAB, max_sequence_length=G.SEQ,
+                         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                         share_embeddings_and_output_weights=True)
+        if full is None:
+            full = {k: v.detach().clone() for k, v in model.named_parameters()}
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                key = "embedding.word_embeddings.weight" if pname == "output_layer.weight" else pname
+                param.copy_(full[G.global_param_name(model, key)])
+        peft = megalora.get_peft_model(model, U.lora_config(target_modules=["linear_fc1"]))
+        U.perturb(peft, "default")
+        megalora.export_merged(peft, os.path.join(root, name), progressbar=False)
+        out[name] = _files(os.path.join(root, name))
+        destroy_parallel()
+    return out, sorted(_read_export(os.path.join(root, "pp2")))
+
+
+def test_tied_embeddings_are_exported_once(dist2, tmp_path):
+    files, keys = dist2(_tied_body, str(tmp_path), timeout_s=600)[0]
+    assert files["pp2"] == files["pp1"]
+    assert "embedding.word_embeddings.weight" in keys and "output_layer.weight" not in keys
