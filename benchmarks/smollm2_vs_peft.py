@@ -50,9 +50,15 @@ Method:
   high-water mark above the baseline: LoRA weights, grads, Adam state,
   activations and the allocator's slack, which is what the step adds on top of
   the loaded model. tracemalloc would miss it: torch allocates tensor memory
-  outside Python's allocator. Beside it, "saved act" is exact and free of
-  allocator effects: the bytes of the tensors autograd keeps for backward in
-  one forward (each storage once, parameters left out).
+  outside Python's allocator.
+* "no slack": the same, run again with ``MALLOC_MMAP_THRESHOLD_=131072``, so
+  that glibc gives every block of 128 KiB or more its own mapping and returns
+  it at free: the high-water mark is then about the peak of live bytes,
+  without the freed-but-kept heap that the default allocator adds (which
+  depends on how many large temporaries a side makes).
+* "saved act" is exact and free of allocator effects: the bytes of the
+  tensors autograd keeps for backward in one forward (each storage once,
+  parameters left out).
 """
 
 from __future__ import annotations
@@ -67,7 +73,11 @@ import sys
 import tempfile
 import time
 
-import torch
+# Before anything imports tqdm, which reads its TQDM_* defaults at import:
+# no progress bar from transformers' GGUF loader in the printed report.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
 
 MCORE_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -95,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="transformers' attention (megatron-core's local attention is the eager kind)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--skip-memory", action="store_true", help="time only")
+    p.add_argument("--skip-no-slack", action="store_true",
+                   help="measure peak memory with glibc's default settings only (saves two processes)")
     p.add_argument("--json", help="also write the results to this file")
     # Internal: run one side's memory measurement in this (fresh) process.
     p.add_argument("--mem-worker", choices=SIDES, help=argparse.SUPPRESS)
@@ -238,15 +250,13 @@ def _status_kib(field: str) -> int:
 def memory_worker(args) -> None:
     """One side alone: RSS high-water mark above the post-import, post-model-load baseline."""
     import megalora
-    import megalora.hf  # noqa: F401  (both sides import the same modules)
-    import peft  # noqa: F401
+    import megalora.hf as H
+    import peft  # noqa: F401  (both sides import the same modules before the baseline)
     import transformers  # noqa: F401
 
     megalora.init_parallel()
     if args.mem_worker == "megalora":
-        import megalora.hf as H
-
-        base, vocab = H.build_gpt_from_hf(None), None
+        base = H.build_gpt_from_hf(None)
         vocab = base.hf_config.vocab_size
     else:
         base = load_hf(args)
@@ -263,11 +273,19 @@ def memory_worker(args) -> None:
         json.dump(dict(baseline_kib=baseline, peak_kib=peak), f)
 
 
-def measure_memory(args, side: str, env: dict) -> dict:
-    """Run :func:`memory_worker` for ``side`` in a new Python process; its figures.
+# glibc's malloc keeps freed blocks for reuse (its mmap threshold grows as
+# large blocks are freed), so a high-water mark also counts fragmentation. A
+# fixed threshold gives every block of 128 KiB or more its own mapping,
+# returned at free: the high-water mark is then close to the peak of live bytes.
+NO_SLACK_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def measure_memory(args, side: str, env: dict, no_slack: bool = False) -> float:
+    """MiB of :func:`memory_worker`'s peak above baseline for ``side``, run in a new Python process.
 
     ``env`` is this process's environment from before ``init_parallel``, which
     exports the rendezvous variables (and port) of this process's own group.
+    ``no_slack`` runs the worker with :data:`NO_SLACK_ENV`.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "mem.json")
@@ -276,9 +294,10 @@ def measure_memory(args, side: str, env: dict) -> dict:
                "--lr", str(args.lr), "--hf-attn", args.hf_attn, "--mem-steps", str(args.mem_steps)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        subprocess.run(cmd, check=True, env=env)
+        subprocess.run(cmd, check=True, env=dict(env, **NO_SLACK_ENV) if no_slack else env)
         with open(out) as f:
-            return json.load(f)
+            result = json.load(f)
+    return (result["peak_kib"] - result["baseline_kib"]) / 1024
 
 
 # --------------------------------------------------------------------------
@@ -323,10 +342,19 @@ def time_both(args) -> dict:
 # Driver
 
 
+def _ratio(figures: dict):
+    return figures["megalora"] / figures["peft"] if len(figures) == 2 and figures["peft"] else None
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def report(args, timing: dict, memory: dict, load: tuple) -> dict:
+    """Print the table, the ratios and the sanity check; return the figures as a dict."""
     wall = {n: statistics.median(timing["wall"][n]) for n in SIDES}
     cpu = {n: statistics.median(timing["cpu"][n]) for n in SIDES}
-    mem = {n: (m["peak_kib"] - m["baseline_kib"]) / 1024 for n, m in memory.items()}
+    rss, no_slack = memory.get("rss", {}), memory.get("no_slack", {})
     saved = timing["saved_mib"]
     losses = timing["losses"]
     print(f"\nSmolLM2-135M-Instruct, fp32, CPU ({torch.get_num_threads()} torch threads); batch {args.mbs} x {args.seq} "
@@ -336,20 +364,19 @@ def report(args, timing: dict, memory: dict, load: tuple) -> dict:
           f"loads: GGUF -> transformers {timing['load_s']['hf_gguf']:.1f} s, megatron from cache "
           f"{timing['load_s']['megatron_from_cache']:.1f} s")
     print(f"\n{'side':<10}{'params':>13}{'trainable':>11}{'step (wall)':>13}{'step (CPU)':>12}{'peak mem':>12}"
-          f"{'saved act':>12}")
+          f"{'no slack':>12}{'saved act':>12}")
     for n in SIDES:
         total, trainable = timing["params"][n]
-        mem_s = f"{mem[n]:.1f} MiB" if n in mem else "n/a"
-        print(f"{n:<10}{total:>13,}{trainable:>11,}{wall[n] * 1e3:>10.0f} ms{cpu[n] * 1e3:>9.0f} ms{mem_s:>12}"
-              f"{saved[n]:>8.1f} MiB")
+        print(f"{n:<10}{total:>13,}{trainable:>11,}{wall[n] * 1e3:>10.0f} ms{cpu[n] * 1e3:>9.0f} ms"
+              f"{_fmt(rss.get(n), '.1f'):>8} MiB{_fmt(no_slack.get(n), '.1f'):>8} MiB{saved[n]:>8.1f} MiB")
     print("step: median over rounds; CPU: this process's CPU time in the step, all threads.\n"
-          "peak mem: RSS high-water mark above the post-model-load baseline, own process per side.\n"
+          "peak mem: RSS high-water mark above the post-model-load baseline, own process per side;\n"
+          "no slack: the same with MALLOC_MMAP_THRESHOLD_=131072 (freed blocks go back to the OS: ~peak live bytes).\n"
           "saved act: tensors autograd keeps for backward in one forward (parameters left out).")
-    ratios = dict(wall=wall["megalora"] / wall["peft"], cpu=cpu["megalora"] / cpu["peft"],
-                  saved=saved["megalora"] / saved["peft"],
-                  memory=mem["megalora"] / mem["peft"] if len(mem) == 2 else None)
-    mem_s = f"{ratios['memory']:.3f}" if ratios["memory"] is not None else "n/a"
-    print(f"\nmegalora / peft: step wall {ratios['wall']:.3f}, step CPU {ratios['cpu']:.3f}, peak mem {mem_s}, "
+    ratios = dict(wall=wall["megalora"] / wall["peft"], cpu=cpu["megalora"] / cpu["peft"], memory=_ratio(rss),
+                  memory_no_slack=_ratio(no_slack), saved=saved["megalora"] / saved["peft"])
+    print(f"\nmegalora / peft: step wall {ratios['wall']:.3f}, step CPU {ratios['cpu']:.3f}, "
+          f"peak mem {_fmt(ratios['memory'], '.3f')}, no slack {_fmt(ratios['memory_no_slack'], '.3f')}, "
           f"saved act {ratios['saved']:.3f}   (goal: <= 1.0 for time and memory)")
     print(f"\nsanity (same batch; PEFT's A set to megalora's, {timing['a_copied']} factors; B = 0 at start):")
     for i, what in ((0, "step 0 (base model)"), (1, "step 1 (after one Adam step)")):
@@ -359,8 +386,9 @@ def report(args, timing: dict, memory: dict, load: tuple) -> dict:
                                                          for n in SIDES))
     per_step = {n: " ".join(f"{t * 1e3:.0f}" for t in timing["wall"][n]) for n in SIDES}
     print("  step wall times (ms), in round order: " + "; ".join(f"{n}: {v}" for n, v in per_step.items()))
-    return dict(median_step_s=wall, median_cpu_s=cpu, peak_memory_mib=mem, saved_activation_mib=saved,
-                ratios=ratios, losses=losses, params=timing["params"], step_s=timing["wall"])
+    return dict(median_step_s=wall, median_cpu_s=cpu, peak_memory_mib=rss, peak_memory_no_slack_mib=no_slack,
+                saved_activation_mib=saved, ratios=ratios, losses=losses, params=timing["params"],
+                step_s=timing["wall"])
 
 
 def _quiet() -> None:
@@ -392,11 +420,14 @@ def main(argv=None) -> None:
     load1 = os.getloadavg()[0]
     print("median step (wall): " + ", ".join(f"{n} {statistics.median(timing['wall'][n]) * 1e3:.0f} ms" for n in SIDES),
           flush=True)
-    memory = {}
+    memory = {"rss": {}, "no_slack": {}}
     if not args.skip_memory:
-        for side in SIDES:
-            print(f"peak memory of {side}, in its own process ...", flush=True)
-            memory[side] = measure_memory(args, side, env)
+        for kind in ("rss", "no_slack"):
+            if kind == "no_slack" and args.skip_no_slack:
+                continue
+            for side in SIDES:
+                print(f"peak memory of {side} ({kind.replace('_', ' ')}), in its own process ...", flush=True)
+                memory[kind][side] = measure_memory(args, side, env, no_slack=kind == "no_slack")
     out = report(args, timing, memory, (load0, load1))
     print(f"\n(wall time of the whole run: {time.time() - t0:.0f} s)")
     if args.json:

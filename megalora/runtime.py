@@ -63,7 +63,7 @@ import torch.distributed as dist
 
 __all__ = [
     "LaunchEnv", "detect_launch_env", "init_distributed", "init_parallel", "destroy_parallel",
-    "is_initialized", "lora_init_seed", "enable_cpu_compat", "cpu_compat_active",
+    "is_initialized", "lora_init_seed", "set_lora_init_seed", "enable_cpu_compat", "cpu_compat_active",
 ]
 
 _DEFAULT_PORT = 29500
@@ -349,6 +349,16 @@ def lora_init_seed() -> int:
     the same on every rank, so the init does not depend on the layout.
     """
     return _STATE["seed"] if _STATE["seed"] is not None else torch.initial_seed()
+
+
+def set_lora_init_seed(seed: int) -> None:
+    """Sets the base seed of LoRA init when Megatron's state was started elsewhere.
+
+    Megatron-LM seeds each pipeline stage with ``seed + 100 * pp_rank``, so
+    ``torch.initial_seed()`` differs across stages; its plug-in passes the
+    base ``--seed`` here so the init stays layout-independent.
+    """
+    _STATE["seed"] = int(seed)
 
 
 # --------------------------------------------------------------------------

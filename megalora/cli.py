@@ -1,0 +1,281 @@
+"""The ``megalora`` command: train, merge, export, inspect, verify.
+
+Verbs that run a model (``train``, ``merge``, ``export``) start their own
+processes with ``torchrun --standalone`` when run from a plain shell and the
+layout needs more than one (``parallel.tp x parallel.pp``, times ``--nproc``'s
+data parallelism). Under a launcher (torchrun, srun, mpirun) they run in the
+launched process, as ``python -m megalora.train`` does. ``verify`` always starts
+its own two runs. Set ``MEGALORA_TRACEBACK=1`` to see the traceback of a
+config or input error instead of its one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+# Variables through which a launcher tells a process its rank; a child started
+# by this CLI must not inherit a parent's.
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID")
+_LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL")
+
+TRAIN_EXAMPLES = """examples:
+  megalora train configs/smollm2_cpu.yaml                 # the main job: SmolLM2 at TP=3 on CPU
+  megalora train configs/tiny_gpt.yaml train.steps=50 lora.r=4
+  megalora train configs/tiny_gpt.yaml parallel.tp=1 --nproc 2   # 2-way data parallel
+  megalora train configs/tiny_gpt.yaml train.save_every=5 train.resume=auto
+  torchrun --nproc_per_node 3 -m megalora.train configs/smollm2_cpu.yaml   # same, launched by hand
+
+Overrides are section.key=value with YAML values, e.g. lora.target_modules=[linear_qkv,linear_fc2]."""
+
+VERIFY_EXAMPLES = """examples:
+  megalora verify configs/tiny_gpt.yaml                   # TP=2 vs world size 1, 4 steps
+  megalora verify configs/tiny_gpt.yaml parallel.sp=true --steps 6
+  megalora verify configs/tiny_gpt.yaml parallel.tp=1 parallel.pp=2 model.num_layers=4
+  megalora verify configs/smollm2_cpu.yaml --steps 2      # the real model at TP=3 (minutes)
+
+Both runs train the same steps on the same data with lora_dropout=0 (dropout
+masks differ by layout); the exit status is 1 when a difference exceeds the tolerances."""
+
+MERGE_EXAMPLES = """examples:
+  megalora merge configs/smollm2_cpu.yaml --adapter runs/smollm2_cpu/adapter --output runs/merged
+  megalora merge configs/smollm2_cpu.yaml parallel.tp=1 --adapter runs/smollm2_cpu/adapter --output runs/merged
+  megalora merge configs/tiny_gpt.yaml --adapter runs/tiny_gpt/adapter --output runs/tiny_merged
+
+An HF base is written as an HF model folder (transformers' from_pretrained loads it);
+a random GPT as model.safetensors of full megatron tensors with global names. The
+merge runs at the config's layout (override parallel.*); the output holds full
+tensors, so it loads at any layout."""
+
+EXPORT_EXAMPLES = """examples:
+  megalora export configs/smollm2_cpu.yaml --adapter runs/smollm2_cpu/adapter --output runs/hf_peft
+  megalora export configs/smollm2_cpu.yaml --adapter runs/smollm2_cpu/adapter --output runs/hf_merged --format hf
+
+--format peft writes PEFT's adapter_config.json + adapter_model.safetensors for the HF model
+(peft.PeftModel.from_pretrained(AutoModelForCausalLM..., DIR)); --format hf writes the
+merged HF weights."""
+
+INSPECT_EXAMPLES = """examples:
+  megalora inspect runs/smollm2_cpu/adapter
+  megalora inspect runs/smollm2_cpu/adapter --all
+  megalora inspect runs/tiny_gpt/adapter --json"""
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a YAML job config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. train.steps=20 lora.r=8 parallel.tp=1")
+
+
+def _nproc_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes to start (default: parallel.tp x parallel.pp, i.e. no data parallelism); "
+                        "ignored under a launcher")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="megalora", formatter_class=fmt, description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("train", help="fine-tune LoRA as a config says", formatter_class=fmt, epilog=TRAIN_EXAMPLES,
+                       description="Train LoRA on megatron-core: base eval, fine-tune, answer a prompt, save, "
+                                   "merge check, HF PEFT export, loss curve (see megalora/training/job.py).")
+    _config_args(p)
+    _nproc_arg(p)
+
+    p = sub.add_parser("verify", help="compare the config's layout with world size 1", formatter_class=fmt,
+                       epilog=VERIFY_EXAMPLES,
+                       description="Run the config at its layout and at world size 1 for a few steps, from the "
+                                   "same weights and data, and report the largest loss and weight differences.")
+    _config_args(p)
+    _nproc_arg(p)
+    p.add_argument("--steps", type=int, default=4, help="training steps in each run (default 4)")
+    p.add_argument("--loss-tol", type=float, default=1e-4, help="largest allowed relative loss difference")
+    p.add_argument("--weight-tol", type=float, default=5e-5,
+                   help="largest allowed absolute difference of a LoRA weight (Adam turns rounding noise in "
+                        "near-zero grads into differences of this order)")
+    p.add_argument("--workdir", default=None, help="where the two runs write (default: a temporary folder)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    for name, helptext, epilog in (("merge", "merge an adapter into the base weights", MERGE_EXAMPLES),
+                                   ("export", "export an adapter for HF PEFT, or merged HF weights", EXPORT_EXAMPLES)):
+        p = sub.add_parser(name, help=helptext, formatter_class=fmt, epilog=epilog, description=helptext + ".")
+        _config_args(p)
+        _nproc_arg(p)
+        p.add_argument("--adapter", required=True, help="a saved adapter folder (adapter_config.json + safetensors)")
+        p.add_argument("--output", required=True, help="the folder to write")
+        if name == "export":
+            p.add_argument("--format", choices=("peft", "hf"), default="peft",
+                           help="peft: an HF PEFT adapter (default); hf: merged HF model weights")
+
+    p = sub.add_parser("inspect", help="show an adapter's modules, ranks, sizes and source layout",
+                       formatter_class=fmt, epilog=INSPECT_EXAMPLES,
+                       description="Read a saved adapter (no model, no processes): its modules, ranks, shapes, "
+                                   "sizes, LoRA settings and the layout it was saved from.")
+    p.add_argument("adapter_dir")
+    p.add_argument("--all", action="store_true", help="list every module")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+# ---------------------------------------------------------------------- launching
+
+
+def under_launcher() -> bool:
+    """Whether a launcher (torchrun, Slurm, MPI) started this process."""
+    from .runtime import detect_launch_env
+
+    return detect_launch_env(use_scontrol=False).source != "single"
+
+
+def child_env() -> dict:
+    """This environment without a launcher's rank variables, one thread per rank on CPU."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
+    env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores; more threads only contend
+    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    return env
+
+
+def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", module, *args]
+
+
+def _nproc(cfg, requested: Optional[int]) -> int:
+    nproc = requested or cfg.model_parallel_size()
+    if nproc % cfg.model_parallel_size():
+        raise SystemExit(f"megalora: --nproc {nproc} is not a multiple of parallel.tp x parallel.pp = "
+                         f"{cfg.model_parallel_size()}")
+    return nproc
+
+
+def _run_here_or_launch(args, argv: Sequence[str], body, precheck=None) -> int:
+    """Runs ``body(cfg)`` in this process when launched or single; else re-runs the CLI under torchrun."""
+    from .training import load
+
+    cfg = load(args.config, args.overrides)  # config errors surface here, before any process starts
+    if precheck is not None:
+        precheck(cfg)
+    nproc = _nproc(cfg, args.nproc)
+    if under_launcher() or nproc == 1:
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        body(cfg)
+        return 0
+    return subprocess.call(torchrun_command(nproc, "megalora.cli", argv), env=child_env())
+
+
+# ---------------------------------------------------------------------- verbs
+
+
+def _train(args, argv) -> int:
+    from .training import run
+
+    return _run_here_or_launch(args, argv, run)
+
+
+def _merge(args, argv) -> int:
+    from .training.tools import merge_job
+
+    return _run_here_or_launch(args, argv, lambda cfg: merge_job(cfg, args.adapter, args.output))
+
+
+def _export(args, argv) -> int:
+    from .training.tools import check_export, export_job
+
+    return _run_here_or_launch(args, argv, lambda cfg: export_job(cfg, args.adapter, args.output, args.format),
+                               precheck=check_export)
+
+
+def _inspect(args, _argv) -> int:
+    from .training.tools import format_inspect, inspect_adapter
+
+    info = inspect_adapter(args.adapter_dir)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(format_inspect(info, max_modules=10**9 if args.all else 12))
+    return 0
+
+
+VERIFY_OVERRIDES = ("job.eval_base=false", "job.max_new_tokens=0", "job.merge_check=false",
+                    "job.export_hf_peft=false", "job.plot=false", "lora.lora_dropout=0.0", "train.save_every=0",
+                    "train.resume=null", "train.eval_every=0", "train.log_every=0")
+SINGLE_OVERRIDES = ("parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "parallel.sp=false")
+
+
+def _verify(args, _argv) -> int:
+    from .training import load
+    from .training.tools import compare_runs
+
+    if under_launcher():
+        raise SystemExit("megalora verify starts its own processes; run it from a shell, not under a launcher")
+    cfg = load(args.config, args.overrides)
+    nproc = _nproc(cfg, args.nproc)
+    work = args.workdir or tempfile.mkdtemp(prefix="megalora-verify-")
+    common = [args.config, *args.overrides, *VERIFY_OVERRIDES, f"train.steps={args.steps}"]
+    runs = (("layout", torchrun_command(nproc, "megalora.train", [*common, f"job.output_dir={work}/layout"])),
+            ("single", [sys.executable, "-m", "megalora.train", *common, *SINGLE_OVERRIDES,
+                        f"job.output_dir={work}/single"]))
+    for name, cmd in runs:
+        if not args.json:
+            print(f"megalora verify: {name} run: {' '.join(cmd[1:])}", flush=True)
+        code = subprocess.call(cmd, env=child_env(), stdout=subprocess.DEVNULL if args.json else None)
+        if code:
+            print(f"megalora verify: the {name} run failed (exit {code})", file=sys.stderr)
+            return code
+    report = compare_runs(f"{work}/layout", f"{work}/single")
+    ok = (report["max_loss_rel_diff"] <= args.loss_tol and report["max_grad_norm_rel_diff"] <= args.loss_tol
+          and report["max_weight_diff"] <= args.weight_tol)
+    report.update(ok=ok, workdir=work, loss_tol=args.loss_tol, weight_tol=args.weight_tol)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        lay = report["layout"]
+        print(f"megalora verify: {args.config} at TP={lay['tp']} PP={lay['pp']} VPP={lay['vpp']} SP={lay['sp']} "
+              f"(world {lay['world_size']}) vs world size 1, {report['steps']} steps")
+        for step, a, b in report["losses"]:
+            print(f"  step {step}: loss {a:.8f} vs {b:.8f} (diff {abs(a - b):.2e})")
+        print(f"  largest loss difference:   {report['max_loss_diff']:.3e} (relative {report['max_loss_rel_diff']:.3e}"
+              f", step {report['max_loss_diff_step']})")
+        print(f"  largest grad-norm difference (relative, before clipping): {report['max_grad_norm_rel_diff']:.3e}")
+        print(f"  largest weight difference: {report['max_weight_diff']:.3e} (relative "
+              f"{report['max_weight_rel_diff']:.3e}) in {report['max_weight_diff_tensor']}, over "
+              f"{report['tensors_compared']} LoRA tensors")
+        print(f"  {'OK' if ok else 'MISMATCH'}: tolerances {args.loss_tol:g} (relative loss) and {args.weight_tol:g} "
+              "(absolute weight)")
+    return 0 if ok else 1
+
+
+VERBS = {"train": _train, "verify": _verify, "merge": _merge, "export": _export, "inspect": _inspect}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``megalora`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in VERBS:
+        # Intermixed, so options may follow the overrides: `train CFG train.steps=5 --nproc 2`.
+        sub = parser._subparsers._group_actions[0].choices[argv[0]]
+        args = sub.parse_intermixed_args(argv[1:])
+        args.verb = argv[0]
+    else:
+        args = parser.parse_args(argv)
+    try:
+        return VERBS[args.verb](args, argv)
+    except (ValueError, FileNotFoundError) as exc:
+        # Config and input errors carry their fix; a traceback would only bury it.
+        if os.environ.get("MEGALORA_TRACEBACK"):
+            raise
+        print(f"megalora {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Integrations with training frameworks built on megatron-core (imported on demand)."""

@@ -1,0 +1,193 @@
+"""The base model of a job, built for this rank's place in the layout, with LoRA injected.
+
+``model.source: hf`` goes through the HF bridge (:func:`megalora.hf.build_gpt_from_hf`),
+which loads only this rank's shards. ``model.source: gpt`` builds a megatron-core
+``GPTModel`` of the configured shape and overwrites every parameter with a draw
+from a generator seeded by the parameter's *global* name, then keeps this
+rank's slice. Megatron's own CPU init seeds each pipeline stage differently,
+so its weights would depend on the layout; these do not, which is what lets
+``megalora verify`` compare any layout with world size 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import distributed as D
+from ..targeting import global_module_names
+from .config import JobConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_UNFUSED = dict(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+                apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
+
+
+def dtype_of(cfg: JobConfig) -> torch.dtype:
+    return _DTYPES[cfg.model.dtype]
+
+
+def padded_vocab_size(vocab: int, cfg: JobConfig) -> int:
+    """``vocab`` rounded up to a multiple of ``make_vocab_size_divisible_by`` and of TP.
+
+    Megatron-LM pads to a multiple of their *product*, so the vocabulary (and
+    the random weights) would change with TP; the least common multiple keeps
+    one padded size for TP = 1, 2, 4, 8, which ``megalora verify`` relies on.
+    """
+    multiple = math.lcm(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
+    return -(-vocab // multiple) * multiple
+
+
+def _sp_norm(normalization: str):
+    """A torch norm for the local spec under sequence parallelism.
+
+    The local spec's ``WrappedTorchNorm`` refuses ``sequence_parallel``
+    (Megatron expects apex or TE there). Its params are marked
+    ``sequence_parallel`` so that, if trained, their TP-partial grads get summed.
+    """
+    base = torch.nn.RMSNorm if normalization == "RMSNorm" else torch.nn.LayerNorm
+
+    class SequenceParallelNorm(base):
+        def __init__(self, config, hidden_size, eps=1e-5, **_):
+            super().__init__(hidden_size, eps=eps)
+            for p in self.parameters():
+                p.sequence_parallel = config.sequence_parallel
+
+    return SequenceParallelNorm
+
+
+def layer_spec(cfg: JobConfig, config, vp_stage: Optional[int]):
+    """megatron-core's layer spec for the job (local or TE), SP-ready on CPU."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if cfg.model.transformer_impl == "transformer_engine":
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    spec = specs.get_gpt_layer_local_spec(normalization=config.normalization)
+    if not config.sequence_parallel:
+        return spec
+    import copy
+
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    norm = _sp_norm(config.normalization)
+    spec = copy.deepcopy(spec)
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=norm)
+
+
+def gpt_transformer_config(cfg: JobConfig):
+    """The ``TransformerConfig`` of a ``model.source: gpt`` job."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, p = cfg.model, cfg.parallel
+    dtype = dtype_of(cfg)
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        gated_linear_unit=m.gated_linear_unit, activation_func=F.silu if m.gated_linear_unit else F.gelu,
+        normalization=m.normalization, add_bias_linear=m.add_bias_linear,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_std,
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp, sequence_parallel=p.sp,
+        # perform_initialization stays on: with it off, megatron-core never tags its
+        # TP weights (tensor_model_parallel, partition_dim), and sharding them breaks.
+        use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        **_UNFUSED,
+    )
+
+
+def _init_value(global_name: str, shape, cfg: JobConfig) -> torch.Tensor:
+    """The full tensor of one parameter, from its global name alone."""
+    from ..layers.base import init_generator
+
+    leaf = global_name.rpartition(".")[2]
+    module = global_name.rpartition(".")[0]
+    if "norm" in module.rpartition(".")[2] or module.endswith("layernorm"):
+        return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+    if leaf == "bias" or len(shape) == 1:
+        return torch.zeros(shape)
+    std = cfg.model.init_std
+    if module.endswith(("linear_proj", "linear_fc2")):  # Megatron's scaled init of output projections
+        std = std / math.sqrt(2.0 * cfg.model.num_layers)
+    gen = init_generator(cfg.model.init_seed, global_name, "base")
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+
+def init_gpt_weights(model, cfg: JobConfig) -> None:
+    """Overwrite every parameter with this rank's slice of a layout-independent draw."""
+    from megatron.core import parallel_state as ps
+
+    rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    modules = global_module_names(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            module, _, leaf = name.rpartition(".")
+            global_name = f"{modules[module]}.{leaf}"
+            if global_name == "output_layer.weight" and cfg.model.tie_embeddings:
+                global_name = "embedding.word_embeddings.weight"  # the last stage's tied copy
+            chunks = 2 if cfg.model.gated_linear_unit and module.endswith("linear_fc1") else 1
+            spec = D.param_shard_spec(param, chunks=chunks)
+            full_shape = list(param.shape)
+            if spec.sharded:
+                full_shape[spec.dim] *= world
+            value = _init_value(global_name, full_shape, cfg)
+            param.copy_(spec.local(value, rank, world).to(param.dtype))
+
+
+def build_gpt(cfg: JobConfig, vocab_size: int, vp_stage: Optional[int]):
+    """One chunk of a random ``GPTModel`` with layout-independent weights."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    config = gpt_transformer_config(cfg)
+    m = cfg.model
+    kwargs = {"vp_stage": vp_stage} if vp_stage is not None else {}
+    model = GPTModel(
+        config, layer_spec(cfg, config, vp_stage), vocab_size=padded_vocab_size(m.vocab_size or vocab_size, cfg),
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
+        share_embeddings_and_output_weights=m.tie_embeddings, **kwargs,
+    )
+    init_gpt_weights(model, cfg)
+    return model
+
+
+def build_hf(cfg: JobConfig, vp_stage: Optional[int]):
+    """One chunk of the HF model through the bridge (this rank's shards only)."""
+    from ..hf import build_gpt_from_hf, megatron_config_from_hf
+    from ..hf.build import weight_source
+
+    dtype = dtype_of(cfg)
+    overrides = dict(sequence_parallel=cfg.parallel.sp, params_dtype=dtype, pipeline_dtype=dtype,
+                     bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+    # Collective: rank 0 converts the model into megalora's cache once; the HF
+    # config then comes from the cache (reading a GGUF's config costs seconds).
+    config = megatron_config_from_hf(weight_source(cfg.model.hf_path).hf_config, **overrides)
+    return build_gpt_from_hf(cfg.model.hf_path, vp_stage=vp_stage, config=config,
+                             layer_spec=layer_spec(cfg, config, vp_stage))
+
+
+def build_chunks(cfg: JobConfig, vocab_size: int) -> list:
+    """This rank's model chunks: one per virtual pipeline stage (one without VPP)."""
+    stages = list(range(cfg.parallel.vpp)) if cfg.parallel.vpp else [None]
+    if cfg.model.source == "hf":
+        return [build_hf(cfg, v) for v in stages]
+    return [build_gpt(cfg, vocab_size, v) for v in stages]
+
+
+def model_vocab_size(chunks: list) -> int:
+    """The (padded) vocabulary size the model was built with."""
+    return int(chunks[0].vocab_size)
+
+
+def hf_config_of(chunks: list):
+    """The HF config the bridge recorded on a chunk, or ``None`` for a random GPT."""
+    return getattr(chunks[0], "hf_config", None)
