@@ -80,7 +80,10 @@ def _summary(out) -> dict:
 def reference(tmp_path_factory) -> list:
     """Losses of the same job started by torchrun (launch/torchrun.sh)."""
     out = tmp_path_factory.mktemp("torchrun")
-    _run(["bash", "launch/torchrun.sh", TINY, *QUICK, f"job.output_dir={out}"], child_env())
+    env = child_env()
+    # The scripts run `python` / `torchrun` from PATH: the venv's, even when pytest was not activated.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    _run(["bash", "launch/torchrun.sh", TINY, *QUICK, f"job.output_dir={out}"], env)
     summary = _summary(out)
     assert summary["launcher"] == "torchrun" and summary["layout"]["world_size"] == 2
     return summary["history"]
