@@ -40,7 +40,7 @@ Method:
 * Sanity: the PEFT side's A factors are set to megalora's (q, k and v each get
   the fused ``linear_qkv`` A; gate and up get ``linear_fc1``'s) and both B
   start at zero, so the loss at step 0 (the base model) and at step 1 (after
-  one Adam step, which moves only B, as A's gradient is zero while B is) must
+  one Adam step, which moves only B: A gets no gradient while B is zero) must
   agree to fp32 rounding. Later steps part: the fused A gets the sum of the
   gradients that PEFT's three A's get one by one.
 * Peak memory: each side in its own new process. After the imports and the
@@ -357,9 +357,10 @@ def report(args, timing: dict, memory: dict, load: tuple) -> dict:
     rss, no_slack = memory.get("rss", {}), memory.get("no_slack", {})
     saved = timing["saved_mib"]
     losses = timing["losses"]
-    print(f"\nSmolLM2-135M-Instruct, fp32, CPU ({torch.get_num_threads()} torch threads); batch {args.mbs} x {args.seq} "
-          f"tokens; LoRA r={args.r}, alpha={args.alpha:g}, dropout 0; attention: megatron local (eager) vs "
-          f"transformers {args.hf_attn}; {args.warmup} warm-up + {args.steps} timed rounds, interleaved")
+    print(f"\nSmolLM2-135M-Instruct, fp32, CPU ({torch.get_num_threads()} torch threads); "
+          f"batch {args.mbs} x {args.seq} tokens; LoRA r={args.r}, alpha={args.alpha:g}, dropout 0; "
+          f"attention: megatron local (eager) vs transformers {args.hf_attn}; "
+          f"{args.warmup} warm-up + {args.steps} timed rounds, interleaved")
     print(f"load average (1 min) before/after timing: {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores; "
           f"loads: GGUF -> transformers {timing['load_s']['hf_gguf']:.1f} s, megatron from cache "
           f"{timing['load_s']['megatron_from_cache']:.1f} s")
