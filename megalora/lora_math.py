@@ -1,0 +1,115 @@
+"""LoRA's weight math, once, as pure functions on tensors.
+
+Every place that needs ΔW or a merged weight calls these: a LoRA layer on its
+local shards, the merged export on gathered full tensors, ``add_weighted_adapter``
+and the HF bridge. Because the export runs the same functions on the full
+tensors at every layout, its output is byte-identical at every TP/PP layout.
+
+All weights are in ``[out, in]`` layout (``fan_in_fan_out`` bases are
+transposed by :func:`to_out_in` / :func:`from_out_in`). A gated ``linear_fc1``
+is an ordinary ``[2·ffn, in]`` weight here; only its *sharding* differs, and
+that lives in the shard specs.
+
+DoRA's row norm runs over the whole input dimension. On a row-parallel shard
+that dimension is split, so the norm functions take a ``reduce`` callable
+that sums the per-row squares over the TP group (identity elsewhere).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's scale: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r``."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def alpha_for_scaling(scale: float, r: int, use_rslora: bool) -> float:
+    """The ``lora_alpha`` that gives ``scale`` at rank ``r`` (the inverse of :func:`scaling`)."""
+    return scale * (math.sqrt(r) if use_rslora else r)
+
+
+def to_out_in(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """A base weight in ``[out, in]`` layout (transformers' Conv1D stores ``[in, out]``)."""
+    return weight.T if fan_in_fan_out else weight
+
+
+def from_out_in(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """Back to the base layer's own layout."""
+    return weight.T if fan_in_fan_out else weight
+
+
+def delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """A fresh ``scale · B @ A`` (``[out, in]``).
+
+    CPU half-precision matmuls are slow and lossy, so they run in fp32 and the
+    result is cast back. The scale multiplies the product (PEFT's order), so
+    results match PEFT's bit for bit.
+    """
+    if b.device.type == "cpu" and b.dtype in (torch.float16, torch.bfloat16):
+        return (b.float() @ a.float()).mul_(scale).to(b.dtype)
+    return (b @ a).mul_(scale)
+
+
+def row_norm(weight: torch.Tensor, reduce: Reduce = _identity) -> torch.Tensor:
+    """Per-output-row L2 norm over the full input dimension, in fp32, cast back to ``weight``'s dtype."""
+    return reduce(weight.float().pow(2).sum(dim=1)).sqrt().to(weight.dtype)
+
+
+def dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-row factor ``m / ‖W + ΔW‖`` as a ``[out, 1]`` column."""
+    return (magnitude / norm).view(-1, 1)
+
+
+def merged_weight(
+    weight: torch.Tensor,
+    delta: torch.Tensor,
+    magnitude: Optional[torch.Tensor] = None,
+    pristine: Optional[torch.Tensor] = None,
+    reduce: Reduce = _identity,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``W + ΔW``, or DoRA's ``m / ‖W₀ + ΔW‖ · (W + ΔW)``; returns ``(merged, dora_norm)``.
+
+    Args:
+        weight: The current base weight ``[out, in]`` (other adapters may be merged into it).
+        delta: This adapter's :func:`delta_weight`, any dtype (cast to ``weight``'s).
+        magnitude: DoRA's magnitude vector, or ``None`` for plain LoRA.
+        pristine: The base weight with no adapter merged (DoRA's norm is defined
+            on it); defaults to ``weight``.
+        reduce: Sums per-row squares over a sharded input dimension.
+
+    Returns:
+        The merged weight (a new tensor) and, for DoRA, the norm that
+        :func:`unmerged_weight` needs to take it out again.
+    """
+    delta = delta.to(weight.dtype)
+    if magnitude is None:
+        return weight + delta, None
+    norm = row_norm((weight if pristine is None else pristine) + delta, reduce).detach()
+    return dora_scale(magnitude, norm).to(weight.dtype) * (weight + delta), norm
+
+
+def unmerged_weight(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: Optional[torch.Tensor] = None,
+    norm: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The inverse of :func:`merged_weight` (``norm`` is the one it returned, for DoRA)."""
+    delta = delta.to(weight.dtype)
+    if magnitude is None:
+        return weight - delta
+    return weight / dora_scale(magnitude, norm) - delta
+
+
+def merged_bias(bias: torch.Tensor, lora_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """A base bias with an adapter's ``lora_bias`` merged in."""
+    return bias + lora_bias * scale
