@@ -266,3 +266,35 @@ def test_tiny_gpt_examples(tmp_path):
                                rtol=1e-5, atol=1e-6)
     generate = next(p for c, p in procs.items() if " generate " in c)
     assert generate.stdout.strip() != "" or generate.returncode == 0
+
+
+@pytest.mark.slow
+def test_smollm2_examples(tmp_path):
+    """Every SmolLM2 example (train with SMOL_FAST), its outputs standing alone, and a layout that cannot fit."""
+    work = _scratch(tmp_path)
+    # Rejected in this process, before any rank starts (9 heads, TP=5).
+    proc = subprocess.run([sys.executable, "-m", "megalora.cli", "train", "configs/smollm2_cpu.yaml", "parallel.tp=5"],
+                          cwd=work, env=dict(child_env(), PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2 and "num_attention_heads=9 is not divisible" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "rank" not in proc.stderr.lower()
+
+    commands = _examples_of("configs/smollm2_cpu.yaml")
+    procs = _run_examples(work, commands, SMOL_FAST)
+    merged = work / "runs/hf_merged"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    model = AutoModelForCausalLM.from_pretrained(str(merged))
+    assert os.path.isfile(merged / "generation_config.json") and model.config.model_type == "llama"
+    assert len(tokenizer("What is 25 plus 11?")["input_ids"]) > 3
+    for name in os.listdir(merged):
+        assert os.stat(merged / name).st_mode & 0o777 == 0o644, name
+    export = next(p for c, p in procs.items() if " export " in c and "--format hf" not in c)
+    assert "AutoPeftModelForCausalLM" in export.stdout
+    from peft import AutoPeftModelForCausalLM
+
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(work / "runs/hf_peft"))
+    assert peft_model.peft_config["default"].base_model_name_or_path == str(work / "runs/hf_peft/base")
+    generate = next(p for c, p in procs.items() if " generate " in c)
+    assert generate.stdout.strip()

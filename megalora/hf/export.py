@@ -156,6 +156,14 @@ def export_hf_state_dict(model, hf_config=None, merge_adapters: bool = True) -> 
     return hf_state_from_mcore(arch, merged)
 
 
+def share_files(directory: str) -> None:
+    """Make the files in ``directory`` ``rw-r--r--``: some writers (safetensors) create them ``rw-------``."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.chmod(path, 0o644)
+
+
 def _save_generation_config(config, directory: str) -> None:
     """``generation_config.json`` from the model config (its bos/eos/pad ids), as transformers would write it."""
     from transformers import GenerationConfig
@@ -194,6 +202,7 @@ def save_hf_pretrained(model, directory: str, hf_config=None, tokenizer=None, me
             _save_generation_config(config, directory)
             if tokenizer is not None:
                 tokenizer.save_pretrained(directory)
+            share_files(directory)
         except Exception as exc:  # re-raised on every rank below
             error = f"writing the HF model to {directory} failed: {type(exc).__name__}: {exc}"
     error = D.broadcast_object(error)

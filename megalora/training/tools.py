@@ -84,7 +84,7 @@ def merge_job(cfg: JobConfig, adapter_dir: str, output_dir: str) -> str:
     from safetensors.torch import save_file
 
     from ..checkpoint import _gather_stages
-    from ..hf.export import _stage_state
+    from ..hf.export import _stage_state, share_files
 
     # The project's stage gatherer (rank 0 gets every stage's full tensors).
     state, problem = _gather_stages(_stage_state(chunks))
@@ -95,6 +95,7 @@ def merge_job(cfg: JobConfig, adapter_dir: str, output_dir: str) -> str:
         meta = {"format": "pt", "megalora_merged_adapter": os.path.abspath(adapter_dir),
                 "megalora_layout": json.dumps({"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "full_tensors": True})}
         save_file(state, os.path.join(output_dir, MERGED_WEIGHTS), metadata=meta)
+        share_files(output_dir)
     dist.barrier()
     return output_dir
 
