@@ -14,7 +14,11 @@ set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: NP=N $0 CONFIG [section.key=value ...]" >&2; exit 2; }
 CONFIG=$1; shift
 NP=${NP:-2}
-PYTHON=${PYTHON:-python}
+# The repository's .venv interpreter when there is one (no need to activate it), else python3 on PATH.
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=$(command -v python3 || echo python); fi
+fi
 EXTRA=()
 [ "$(id -u)" = 0 ] && EXTRA+=(--allow-run-as-root)
 # More ranks than cores is fine for a CPU check; MPI would refuse without this.

@@ -9,7 +9,11 @@
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 CONFIG [section.key=value ...]" >&2; exit 2; }
 CONFIG=$1; shift
-PYTHON=${PYTHON:-python}
+# The repository's .venv interpreter when there is one (no need to activate it), else python3 on PATH.
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=$(command -v python3 || echo python); fi
+fi
 NPROC=${NPROC:-$("$PYTHON" -c 'import sys
 from megalora.training import load
 print(load(sys.argv[1], sys.argv[2:]).model_parallel_size())' "$CONFIG" "$@")}

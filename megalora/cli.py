@@ -7,6 +7,12 @@ data parallelism). Under a launcher (torchrun, srun, mpirun) they run in the
 launched process, as ``python -m megalora.train`` does. ``verify`` always starts
 its own two runs. Set ``MEGALORA_TRACEBACK=1`` to see the traceback of a
 config or input error instead of its one-line message.
+
+Everything that can be checked without the model's weights (the config, the
+layout against the model's shape, the adapter folder) is checked here, before
+any rank starts; a rank that fails anyway is reported in one line. A run whose
+output folder already exists overwrites the files it writes there, with a
+one-line notice (train.resume=auto continues a run in its folder instead).
 """
 
 from __future__ import annotations
@@ -19,11 +25,8 @@ import sys
 import tempfile
 from typing import Optional, Sequence
 
-# Variables through which a launcher tells a process its rank; a child started
-# by this CLI must not inherit a parent's.
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "TORCHELASTIC_RUN_ID")
-_LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL")
+from .launcher import child_env, launch, quiet_other_ranks, report_rank_error, strip_option, torchrun_command, \
+    under_launcher
 
 TRAIN_EXAMPLES = """examples:
   megalora train configs/smollm2_cpu.yaml                 # the main job: SmolLM2 at TP=3 on CPU
@@ -32,7 +35,9 @@ TRAIN_EXAMPLES = """examples:
   megalora train configs/tiny_gpt.yaml train.save_every=5 train.resume=auto
   torchrun --nproc_per_node 3 -m megalora.train configs/smollm2_cpu.yaml   # same, launched by hand
 
-Overrides are section.key=value with YAML values, e.g. lora.target_modules=[linear_qkv,linear_fc2]."""
+Overrides are section.key=value with YAML values, e.g. lora.target_modules=[linear_qkv,linear_fc2].
+If job.output_dir exists, its files are overwritten (a one-line notice says so); pass
+job.output_dir=runs/NEW for a fresh run, or train.resume=auto to continue from its checkpoints."""
 
 VERIFY_EXAMPLES = """examples:
   megalora verify configs/tiny_gpt.yaml                   # TP=2 vs world size 1, 4 steps
@@ -48,18 +53,29 @@ MERGE_EXAMPLES = """examples:
   megalora merge configs/smollm2_cpu.yaml parallel.tp=1 --adapter runs/smollm2_cpu/adapter --output runs/merged
   megalora merge configs/tiny_gpt.yaml --adapter runs/tiny_gpt/adapter --output runs/tiny_merged
 
-An HF base is written as an HF model folder (transformers' from_pretrained loads it);
-a random GPT as model.safetensors of full megatron tensors with global names. The
-merge runs at the config's layout (override parallel.*); the output holds full
-tensors, so it loads at any layout."""
+An HF base is written as an HF model folder with its tokenizer and generation config:
+AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it
+alone. A random GPT is written as model.safetensors of full megatron tensors with global
+names. The merge runs at the config's layout (override parallel.*); the output holds full
+tensors, so it loads at any layout. An existing --output folder is overwritten (with a notice)."""
 
 EXPORT_EXAMPLES = """examples:
   megalora export configs/smollm2_cpu.yaml --adapter runs/smollm2_cpu/adapter --output runs/hf_peft
   megalora export configs/smollm2_cpu.yaml --adapter runs/smollm2_cpu/adapter --output runs/hf_merged --format hf
 
---format peft writes PEFT's adapter_config.json + adapter_model.safetensors for the HF model
-(peft.PeftModel.from_pretrained(AutoModelForCausalLM..., DIR)); --format hf writes the
-merged HF weights."""
+--format peft writes PEFT's adapter_config.json + adapter_model.safetensors, and the base
+model as an HF folder in DIR/base (the GGUF base is dequantized there; an HF-folder base is
+referred to, not copied): adapter_config.json's base_model_name_or_path points at it, so
+peft.AutoPeftModelForCausalLM.from_pretrained(DIR) loads base + adapter alone.
+--format hf is another name for `megalora merge` (the same files: merged HF weights,
+tokenizer and generation config)."""
+
+GENERATE_EXAMPLES = """examples:
+  megalora generate configs/smollm2_cpu.yaml --adapter runs/smollm2_cpu/adapter "What is 25 plus 11?"
+  megalora generate configs/tiny_gpt.yaml --adapter runs/tiny_gpt/adapter "What is 2 plus 3?" --max-new-tokens 8
+
+Greedy decoding with the base model and the adapter at the config's layout (override
+parallel.*); the prompt is wrapped as in training (ChatML for SmolLM2)."""
 
 INSPECT_EXAMPLES = """examples:
   megalora inspect runs/smollm2_cpu/adapter
@@ -82,6 +98,7 @@ def _nproc_arg(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="megalora", formatter_class=fmt, description=__doc__)
+    parser.add_argument("--version", action="version", version=f"megalora {_version()}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("train", help="fine-tune LoRA as a config says", formatter_class=fmt, epilog=TRAIN_EXAMPLES,
@@ -115,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--format", choices=("peft", "hf"), default="peft",
                            help="peft: an HF PEFT adapter (default); hf: merged HF model weights")
 
+    p = sub.add_parser("generate", help="answer a prompt with a trained adapter (greedy)", formatter_class=fmt,
+                       epilog=GENERATE_EXAMPLES,
+                       description="Load the config's base model with a saved adapter and answer a prompt.")
+    _config_args(p)
+    _nproc_arg(p)
+    p.add_argument("--adapter", required=True, help="a saved adapter folder (adapter_config.json + safetensors)")
+    p.add_argument("prompt", help="the question to answer (quote it)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: job.max_new_tokens of the config")
+
     p = sub.add_parser("inspect", help="show an adapter's modules, ranks, sizes and source layout",
                        formatter_class=fmt, epilog=INSPECT_EXAMPLES,
                        description="Read a saved adapter (no model, no processes): its modules, ranks, shapes, "
@@ -128,32 +154,40 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------- launching
 
 
-def under_launcher() -> bool:
-    """Whether a launcher (torchrun, Slurm, MPI) started this process."""
-    from .runtime import detect_launch_env
-
-    return detect_launch_env(use_scontrol=False).source != "single"
-
-
-def child_env() -> dict:
-    """This environment without a launcher's rank variables, one thread per rank on CPU."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
-    env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores; more threads only contend
-    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    return env
-
-
-def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", module, *args]
-
-
 def _nproc(cfg, requested: Optional[int]) -> int:
     nproc = requested or cfg.model_parallel_size()
     if nproc % cfg.model_parallel_size():
         raise SystemExit(f"megalora: --nproc {nproc} is not a multiple of parallel.tp x parallel.pp = "
                          f"{cfg.model_parallel_size()}")
     return nproc
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _notice_existing(verb: str, directory: str, what: str, hint: str) -> None:
+    if os.path.isdir(directory) and os.listdir(directory):
+        print(f"megalora {verb}: note: {what} {directory} already exists; the files this run writes there are "
+              f"overwritten{hint}", file=sys.stderr, flush=True)
+
+
+def _precheck(args, cfg) -> None:
+    """What the parent can check before starting ranks: the model's shape, the adapter, the output folder."""
+    from .training.models import check_model_fits
+    from .training.tools import check_adapter_dir
+
+    if getattr(args, "adapter", None) is not None:
+        check_adapter_dir(args.adapter)
+    check_model_fits(cfg)
+    if args.verb == "train":
+        if not cfg.train.resume:
+            _notice_existing("train", cfg.job.output_dir, "job.output_dir",
+                             " (job.output_dir=... for a new run, train.resume=auto to continue this one)")
+    elif getattr(args, "output", None):
+        _notice_existing(args.verb, args.output, "--output", "")
 
 
 def _run_here_or_launch(args, argv: Sequence[str], body, precheck=None) -> int:
@@ -164,11 +198,25 @@ def _run_here_or_launch(args, argv: Sequence[str], body, precheck=None) -> int:
     if precheck is not None:
         precheck(cfg)
     nproc = _nproc(cfg, args.nproc)
-    if under_launcher() or nproc == 1:
+    if under_launcher():
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         body(cfg)
         return 0
-    return subprocess.call(torchrun_command(nproc, "megalora.cli", argv), env=child_env())
+    from .training.config import check_layout
+
+    check_layout(cfg, nproc)  # batch sizes against the data parallelism --nproc implies
+    _precheck(args, cfg)
+    if nproc == 1:
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        body(cfg)
+        return 0
+    return launch(nproc, "megalora.cli", strip_option(argv, "--nproc"))
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 # ---------------------------------------------------------------------- verbs
@@ -181,16 +229,36 @@ def _train(args, argv) -> int:
 
 
 def _merge(args, argv) -> int:
-    from .training.tools import merge_job
+    from .training.tools import describe_output, merge_job
 
-    return _run_here_or_launch(args, argv, lambda cfg: merge_job(cfg, args.adapter, args.output))
+    def body(cfg):
+        merge_job(cfg, args.adapter, args.output)
+        if _rank0():
+            print(describe_output(cfg, "merge", args.output), flush=True)
+
+    return _run_here_or_launch(args, argv, body)
 
 
 def _export(args, argv) -> int:
-    from .training.tools import check_export, export_job
+    from .training.tools import check_export, describe_output, export_job
 
-    return _run_here_or_launch(args, argv, lambda cfg: export_job(cfg, args.adapter, args.output, args.format),
-                               precheck=check_export)
+    def body(cfg):
+        export_job(cfg, args.adapter, args.output, args.format)
+        if _rank0():
+            print(describe_output(cfg, "merge" if args.format == "hf" else "export", args.output), flush=True)
+
+    return _run_here_or_launch(args, argv, body, precheck=check_export)
+
+
+def _generate(args, argv) -> int:
+    from .training.tools import generate_job
+
+    def body(cfg):
+        answer = generate_job(cfg, args.adapter, args.prompt, args.max_new_tokens)
+        if _rank0():
+            print(answer, flush=True)
+
+    return _run_here_or_launch(args, argv, body)
 
 
 def _inspect(args, _argv) -> int:
@@ -253,12 +321,14 @@ def _verify(args, _argv) -> int:
     return 0 if ok else 1
 
 
-VERBS = {"train": _train, "verify": _verify, "merge": _merge, "export": _export, "inspect": _inspect}
+VERBS = {"train": _train, "verify": _verify, "merge": _merge, "export": _export, "generate": _generate,
+         "inspect": _inspect}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``megalora`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_other_ranks()
     parser = build_parser()
     if argv and argv[0] in VERBS:
         # Intermixed, so options may follow the overrides: `train CFG train.steps=5 --nproc 2`.
@@ -273,8 +343,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Config and input errors carry their fix; a traceback would only bury it.
         if os.environ.get("MEGALORA_TRACEBACK"):
             raise
-        print(f"megalora {args.verb}: error: {exc}", file=sys.stderr)
+        message = f"megalora {args.verb}: error: {exc}"
+        if not report_rank_error(message):  # under the CLI's launcher, the parent prints it once
+            print(message, file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `megalora inspect ... | head`: the reader left; Python would complain at exit too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

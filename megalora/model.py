@@ -360,20 +360,42 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------ counting
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, all)`` parameter counts of this rank's shards."""
+        """``(trainable, all)`` parameter counts of the whole model, the same at every layout.
+
+        Collective over megatron-core's model-parallel (TP x PP) group when it
+        is initialized: call it on every rank. A TP-sharded tensor
+        (``tensor_model_parallel``) is counted on every TP rank, so its shards
+        add up to the full tensor; a replicated one on TP rank 0 only; the last
+        pipeline stage's copy of a tied embedding (``shared``) not at all;
+        pipeline stages are summed, data-parallel replicas are not.
+        """
+        from . import distributed as D
+
+        ps = D._parallel_state()
+        tp_rank = ps.get_tensor_model_parallel_rank() if ps is not None else 0
         trainable = total = 0
         for _, param in self.named_parameters():
+            if getattr(param, "shared", False):
+                continue
+            if tp_rank != 0 and not getattr(param, "tensor_model_parallel", False):
+                continue
             total += param.numel()
             if param.requires_grad:
                 trainable += param.numel()
-        return trainable, total
+        if ps is None:
+            return trainable, total
+        counts = torch.tensor([trainable, total], dtype=torch.int64)
+        D.all_reduce_sum(counts, ps.get_model_parallel_group())
+        return int(counts[0]), int(counts[1])
 
     def print_trainable_parameters(self) -> None:
+        """Prints the global counts on global rank 0; collective like :meth:`get_nb_trainable_parameters`."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / max(total, 1):.4f}"
-        )
+        if _global_rank() == 0:
+            print(
+                f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                f"trainable%: {100 * trainable / max(total, 1):.4f}"
+            )
 
     # ------------------------------------------------------------------ files
 
@@ -402,6 +424,13 @@ class PeftModel(nn.Module):
         from .checkpoint import from_pretrained
 
         return from_pretrained(cls, model, model_id, adapter_name, is_trainable, config, **kwargs)
+
+
+def _global_rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs) -> PeftModel:

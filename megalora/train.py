@@ -27,6 +27,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .launcher import quiet_other_ranks
+
+    quiet_other_ranks()
     args = parser().parse_args(argv)
     # Megatron warns about this on every TP layer; it only matters on GPUs, where it is required.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

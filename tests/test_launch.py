@@ -81,8 +81,11 @@ def reference(tmp_path_factory) -> list:
     """Losses of the same job started by torchrun (launch/torchrun.sh)."""
     out = tmp_path_factory.mktemp("torchrun")
     env = child_env()
-    # The scripts run `python` / `torchrun` from PATH: the venv's, even when pytest was not activated.
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # No venv on PATH and no PYTHON: the script must find the repository's .venv itself
+    # (a bare `python` would be the system's, without torch).
+    env["PATH"] = "/usr/bin:/bin"
+    env.pop("PYTHON", None)
+    env.pop("VIRTUAL_ENV", None)
     _run(["bash", "launch/torchrun.sh", TINY, *QUICK, f"job.output_dir={out}"], env)
     summary = _summary(out)
     assert summary["launcher"] == "torchrun" and summary["layout"]["world_size"] == 2

@@ -156,8 +156,23 @@ def export_hf_state_dict(model, hf_config=None, merge_adapters: bool = True) -> 
     return hf_state_from_mcore(arch, merged)
 
 
+def share_files(directory: str) -> None:
+    """Make the files in ``directory`` ``rw-r--r--``: some writers (safetensors) create them ``rw-------``."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.chmod(path, 0o644)
+
+
+def _save_generation_config(config, directory: str) -> None:
+    """``generation_config.json`` from the model config (its bos/eos/pad ids), as transformers would write it."""
+    from transformers import GenerationConfig
+
+    GenerationConfig.from_model_config(config).save_pretrained(directory)
+
+
 def save_hf_pretrained(model, directory: str, hf_config=None, tokenizer=None, merge_adapters: bool = True) -> str:
-    """Collective: write ``config.json`` and ``model.safetensors`` that transformers' ``from_pretrained`` loads.
+    """Collective: write ``config.json``, ``generation_config.json`` and ``model.safetensors`` for transformers.
 
     Global rank 0 writes; every rank returns once the files exist. A GGUF
     source's ``quantization_config`` is dropped (the weights are dequantized),
@@ -184,8 +199,10 @@ def save_hf_pretrained(model, directory: str, hf_config=None, tokenizer=None, me
             config = clean_hf_config(hf_config)
             config.dtype = next(iter(state.values())).dtype
             config.save_pretrained(directory)
+            _save_generation_config(config, directory)
             if tokenizer is not None:
                 tokenizer.save_pretrained(directory)
+            share_files(directory)
         except Exception as exc:  # re-raised on every rank below
             error = f"writing the HF model to {directory} failed: {type(exc).__name__}: {exc}"
     error = D.broadcast_object(error)

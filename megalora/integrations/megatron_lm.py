@@ -142,6 +142,8 @@ def _inject(chunks: list, args: argparse.Namespace):
     peft_model = get_peft_model(chunks if len(chunks) > 1 else chunks[0], lora_config_from_args(args))
     if args.lora_load:
         load_adapter_weights(peft_model, args.lora_load, "default")
+    # Megatron-LM prints its own count of every rank's shard; this is the adapter's, global, once (rank 0).
+    peft_model.print_trainable_parameters()
     _STATE["peft_model"] = peft_model
     return peft_model
 

@@ -199,9 +199,25 @@ def from_dict(raw: dict) -> JobConfig:
     lora = raw.get("lora") or {}
     if not isinstance(lora, dict):
         raise ValueError("config section 'lora' must be a mapping of LoraConfig fields")
+    _check_lora_keys(lora)
     cfg = JobConfig(lora=dict(lora), **{n: _section(n, cls, raw.get(n)) for n, cls in SECTIONS.items()})
     check(cfg)
     return cfg
+
+
+def _check_lora_keys(lora: dict) -> None:
+    """A typo in ``lora:`` gets the other sections' one-line error, not LoraConfig's TypeError."""
+    from ..config import LoraConfig
+
+    known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    unknown = sorted(set(lora) - known)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean lora.{close[0]}? " if close else ""
+        raise ValueError(f"lora.{unknown[0]} is not a known key; {hint}lora takes megalora.LoraConfig's (PEFT's) "
+                         f"fields: {', '.join(sorted(known))}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

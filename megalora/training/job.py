@@ -159,12 +159,10 @@ def _setup(cfg: JobConfig) -> _Run:
         for param in trainable_params(chunks):
             param.data = param.data.float()
     data["vocab"] = min(data["vocab"], model_vocab_size(chunks))  # padded rows are not tokens
-    counts = torch.tensor(peft_model.get_nb_trainable_parameters(), dtype=torch.float64)
-    if ps.get_data_parallel_rank() == 0:
-        D.all_reduce_sum(counts, ps.get_model_parallel_group())
+    counts = peft_model.get_nb_trainable_parameters()  # collective: global counts, the same at every layout
     name = cfg.model.hf_path or ("SmolLM2-135M-Instruct" if cfg.model.source == "hf" else "random GPT")
-    log(f"model: {name} built in {time.time() - tb:.1f}s | LoRA trainable {int(counts[0]):,} of "
-        f"{int(counts[1]):,} params")
+    log(f"model: {name} built in {time.time() - tb:.1f}s | LoRA trainable {counts[0]:,} of "
+        f"{counts[1]:,} params")
     multiple = p.pp if p.vpp else 1
     eval_batches = eval_microbatches(data["eval"], cfg.train.eval_micro_batch_size or cfg.train.micro_batch_size,
                                      ps.get_data_parallel_rank(), dp, multiple)
@@ -250,12 +248,12 @@ def _after(r: _Run) -> None:
     log(f"adapter saved: {adapter_dir}")
     hf_config = hf_config_of(r.chunks)
     if cfg.job.export_hf_peft and hf_config is not None:
-        from ..hf import export_peft_adapter
+        from .tools import export_peft_with_base
 
         hf_dir = os.path.join(cfg.job.output_dir, "hf_peft_adapter")
-        export_peft_adapter(r.peft_model, hf_dir, hf_config)
+        export_peft_with_base(cfg, r.peft_model, hf_dir)
         summary["hf_peft_adapter_dir"] = hf_dir
-        log(f"HF PEFT adapter exported: {hf_dir} (peft.PeftModel.from_pretrained(hf_model, that folder))")
+        log(f"HF PEFT adapter exported: {hf_dir} (peft.AutoPeftModelForCausalLM.from_pretrained(that folder))")
     if cfg.job.merge_check:
         merged = r.peft_model.merge_and_unload()
         summary["merged_eval_loss"] = evaluate(merged if isinstance(merged, list) else [merged], r.eval_batches, seq)

@@ -175,6 +175,21 @@ def build_hf(cfg: JobConfig, vp_stage: Optional[int]):
                              layer_spec=layer_spec(cfg, config, vp_stage))
 
 
+def check_model_fits(cfg: JobConfig) -> None:
+    """Raises before any rank starts when the layout does not fit the model's shape.
+
+    A random GPT's shape is in the config (checked on load). An HF model's
+    comes from the converted-weights cache: on a miss this process converts
+    it (once, for every later run and rank), so the ranks only read it.
+    """
+    if cfg.model.source != "hf":
+        return
+    from ..hf.build import check_layout, weight_source
+
+    p = cfg.parallel
+    check_layout(weight_source(cfg.model.hf_path).hf_config, p.tp, p.pp, p.vpp)
+
+
 def build_chunks(cfg: JobConfig, vocab_size: int) -> list:
     """This rank's model chunks: one per virtual pipeline stage (one without VPP)."""
     stages = list(range(cfg.parallel.vpp)) if cfg.parallel.vpp else [None]

