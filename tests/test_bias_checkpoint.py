@@ -81,3 +81,12 @@ def test_bias_adapter_saved_tp2_pp2_loads_at_tp1(dist4, tmp_path, mode):
         assert f"{layer3}input_layernorm.bias" in biases
     else:
         assert all(".base_layer.bias" in k for k in biases)
+
+
+def test_hf_bridge_names_trained_biases_it_cannot_convert():
+    """The HF bridge maps LoRA factors only; a saved model bias gets its own message, not "not a LoRA factor"."""
+    from megalora.hf.adapters import _by_module
+
+    key = "base_model.model.decoder.layers.0.mlp.linear_fc1.base_layer.bias"
+    with pytest.raises(ValueError, match="bias='none'"):
+        _by_module({key: torch.zeros(4)}, "the adapter")
