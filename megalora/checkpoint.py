@@ -37,12 +37,10 @@ from safetensors.torch import save as safetensors_bytes
 
 from . import distributed as D
 from .config import LoraConfig
-from .layers import LoraLayer
-from .targeting import global_module_names
+from .adapter_entries import PREFIX, _adapter_entries  # noqa: F401 - PREFIX is part of this module's API
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-PREFIX = "base_model.model."
 # Bytes per write call: bounds each syscall, and lets a test stop a save half-way.
 _WRITE_CHUNK = 64 << 20
 
@@ -64,50 +62,6 @@ def _layout() -> dict:
         "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size(),
         "world_size": world,
     }
-
-
-def _is_gated_fc1(module, global_name: str) -> bool:
-    config = getattr(module, "config", None)
-    return global_name.split(".")[-1] == "linear_fc1" and bool(getattr(config, "gated_linear_unit", False))
-
-
-def _saved_module_entries(wrapper, adapter: str, global_name: str) -> list[tuple[str, torch.Tensor, D.ShardSpec]]:
-    """``(saved suffix, local tensor, spec)`` for a ``modules_to_save`` copy's parameters."""
-    copy = wrapper.modules_to_save[adapter]
-    chunks = 2 if _is_gated_fc1(copy, global_name) else 1
-    return [(pname, p, D.param_shard_spec(p, chunks)) for pname, p in copy.named_parameters()]
-
-
-def _layer_entries(layer: LoraLayer, adapter: str) -> list[tuple[str, torch.Tensor, D.ShardSpec]]:
-    """``(saved suffix, local tensor, spec)`` for each of one adapter's tensors on a layer."""
-    out = [
-        ("lora_A.weight", layer.lora_A[adapter].weight, layer.a_spec),
-        ("lora_B.weight", layer.lora_B[adapter].weight, layer.b_spec),
-    ]
-    bias = layer.lora_B[adapter].bias
-    if bias is not None:
-        out.append(("lora_B.bias", bias, layer.b_spec if layer.b_spec.dim == 0 else D.FULL))
-    if adapter in layer.lora_magnitude_vector:
-        out.append(("lora_magnitude_vector", layer.lora_magnitude_vector[adapter].weight, layer.magnitude_spec))
-    return out
-
-
-def _adapter_entries(peft_model, adapter: str):
-    """Yield ``(PEFT key, local tensor, spec, TP group)`` for this rank's tensors of ``adapter``.
-
-    The order is the module order, the same on every rank of a TP group.
-    """
-    from .layers.modules_to_save import ModulesToSaveWrapper
-
-    model = peft_model.base_model.model
-    names = global_module_names(model)
-    for local_name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            for suffix, tensor, spec in _layer_entries(module, adapter):
-                yield f"{PREFIX}{names[local_name]}.{suffix}", tensor, spec, module.tp_group
-        elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
-            for suffix, tensor, spec in _saved_module_entries(module, adapter, names[local_name]):
-                yield f"{PREFIX}{names[local_name]}.{suffix}", tensor, spec, D.model_tp_group()
 
 
 def adapter_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:

@@ -153,7 +153,8 @@ class LoraModel(nn.Module):
         biases = {self.peft_config[a].bias for a in self.active_adapters if a in self.peft_config}
         if "all" in biases:
             for name, param in self.model.named_parameters():
-                if "bias" in name and ".original_module." not in name:
+                # PEFT's rule, the one saving follows: parameters named ``bias`` (not a TE ``layer_norm_bias``).
+                if (name == "bias" or name.endswith(".bias")) and ".original_module." not in name:
                     param.requires_grad_(True)
         if "lora_only" in biases:
             for _, layer in self.lora_layers():

@@ -136,6 +136,47 @@ def test_save_load_both_directions(setup, tmp_path):
     assert trainable(trainable_load) == trainable(peft_trainable)
 
 
+BIAS_SETUPS = {
+    f"{mode}_{extra}": [("default", {**LIN, "bias": mode, **kw})] + more
+    for mode in ("none", "all", "lora_only")
+    for extra, kw, more in (
+        ("plain", {}, []),
+        ("mts_lora_bias", {"modules_to_save": ["head"], "lora_bias": True, "target_modules": ["q", "fc1"]}, []),
+        ("two_adapters", {}, [("x", {**LIN, "r": 3, "target_modules": ["fc2"], "lora_bias": True})]),
+    )
+}
+
+
+@torch.no_grad()
+def _train_like(m, p, seed=5):
+    """Move every trainable tensor of ``m`` (biases too) and copy it into ``p``: a stand-in for training."""
+    gen = torch.Generator().manual_seed(seed)
+    theirs = dict(p.named_parameters())
+    for name, param in m.named_parameters():
+        if param.requires_grad:
+            param.add_(0.1 * torch.randn(param.shape, generator=gen))
+            theirs[name].copy_(param)
+
+
+@pytest.mark.parametrize("setup", list(BIAS_SETUPS))
+def test_bias_setting_saves_and_loads_like_peft(setup, tmp_path):
+    """``bias`` in {none, all, lora_only}: the key set PEFT writes, trained biases loaded both ways."""
+    p, m = synced_pair("net", BIAS_SETUPS[setup])
+    # Not compared with PEFT's set: under bias="all" PEFT also unfreezes an inactive adapter's lora_B bias.
+    assert {n for n in trainable(m) if ".x." not in n} == {n for n in trainable(p) if ".x." not in n}
+    _train_like(m, p)
+    inp = make_input("net")
+    expected = run(p.eval(), inp)
+    assert_close(run(m.eval(), inp), expected, "after training")
+    m.save_pretrained(tmp_path / "mega")
+    p.save_pretrained(tmp_path / "peft")
+    assert _files(tmp_path / "mega") == _files(tmp_path / "peft")
+    assert_states_close(_tensors(tmp_path / "mega"), _tensors(tmp_path / "peft"), "saved tensors", atol=0)
+    for source, lib in (("peft", megalora), ("mega", peft), ("mega", megalora)):
+        loaded = lib.PeftModel.from_pretrained(base_model("net"), str(tmp_path / source)).eval()
+        assert_close(run(loaded, inp), expected, f"{lib.__name__} loads the {source} file")
+
+
 def test_non_default_adapters_go_to_subfolders(tmp_path):
     kind = "net"
     adapters = [("default", LIN), ("other", {**LIN, "r": 2, "target_modules": ["q", "fc2"]}),

@@ -49,6 +49,11 @@ def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[st
     for key, tensor in state.items():
         body = key[len(PREFIX):] if key.startswith(PREFIX) else key
         suffix = next((s for s in SUFFIXES if body.endswith("." + s)), None)
+        if suffix is None and body.endswith(".bias"):
+            raise ValueError(
+                f"{source}: tensor {key!r} is a trained model bias (saved for bias='all' or 'lora_only'); the HF "
+                "bridge converts LoRA factors only: train with bias='none', or use the megatron adapter as is"
+            )
         if suffix is None:
             raise ValueError(
                 f"{source}: tensor {key!r} is not a LoRA factor of a linear layer (lora_A/lora_B/"

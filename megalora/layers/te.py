@@ -137,10 +137,11 @@ class LoraRowCallingBase(_CallingBaseMixin, _ParallelLoraLayer):
             elif self.tp_size > 1:
                 u = m.reduce_from_tensor_model_parallel_region(u, group=group)
             b = self.lora_B[adapter]
-            bias = b.bias
-            if bias is not None and self._sequence_parallel and self.tp_size > 1:
-                bias = D.scale_grad(bias, float(self.tp_size))  # each rank adds it to its own shard
-            y = F.linear(u, self._factor_weight(b, self.b_spec), bias)
+            # Not ``bias``: that name holds the base layer's returned bias (skip_bias_add).
+            lora_bias = b.bias
+            if lora_bias is not None and self._sequence_parallel and self.tp_size > 1:
+                lora_bias = D.scale_grad(lora_bias, float(self.tp_size))  # each rank adds it to its own shard
+            y = F.linear(u, self._factor_weight(b, self.b_spec), lora_bias)
             out = out + (y * self.scaling[adapter]).to(out.dtype)
         return out, bias
 
