@@ -68,7 +68,7 @@ class MultiRankError(AssertionError):
 # --------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     # A worker stuck in a collective never reads its pipe, so it would not
     # notice a parent killed by SIGKILL; ask the kernel to kill it instead.
     with contextlib.suppress(Exception):
@@ -76,10 +76,15 @@ def _die_with_parent() -> None:
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    # A spawned interpreter takes seconds to get here on a loaded machine; a
+    # parent that died in the meantime sends no signal, and the orphan would
+    # wait for its peers forever.
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
-def _worker_main(rank: int, world_size: int, host: str, port: int, conn) -> None:
-    _die_with_parent()
+def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
 
     def reply(*msg) -> None:
         # Plain pickle: tensors travel by value, not as shared-memory handles
@@ -179,11 +184,14 @@ class _Pool:
                 parent_end, child_end = ctx.Pipe()
                 proc = ctx.Process(target=_worker_main, name=f"multirank-{world_size}-{rank}",
                                    args=(rank, world_size, "127.0.0.1", self._store.port,
-                                         child_end))
+                                         child_end, os.getpid()))
                 proc.start()
                 child_end.close()
                 self.procs.append(proc)
                 self.conns.append(parent_end)
+        except BaseException:
+            self.kill()  # not yet in _POOLS, so nobody else would ever stop these
+            raise
         finally:
             if main_file is not None:
                 main.__file__ = main_file
@@ -192,7 +200,11 @@ class _Pool:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        replies = self._collect(None, time.monotonic() + _STARTUP_TIMEOUT_S)
+        try:
+            replies = self._collect(None, time.monotonic() + _STARTUP_TIMEOUT_S)
+        except BaseException:  # e.g. Ctrl-C while the workers import torch
+            self.kill()
+            raise
         bad = [r for r, rep in enumerate(replies) if rep is None or rep[0] != "ready"]
         if bad:
             self.kill()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,13 +26,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["train.steps=6", "train.eval_every=3", "train.log_every=0", "data.num_train=64", "data.num_eval=16"]
 
 
-def _cli(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def _cli(*args: str, timeout: int = 600, env: dict | None = None, code: int | None = 0) -> subprocess.CompletedProcess:
     script = os.path.join(os.path.dirname(sys.executable), "megalora")
     cmd = [script] if os.path.isfile(script) else [sys.executable, "-m", "megalora.cli"]
-    proc = subprocess.run([*cmd, *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0 or not check, f"megalora {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n" \
-                                 f"{proc.stderr[-6000:]}"
+    # Its own session, so that a timeout ends torchrun's ranks too, not only the CLI.
+    child = subprocess.Popen([*cmd, *args], cwd=ROOT, env=env or child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+    proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
+    assert code is None or proc.returncode == code, f"megalora {' '.join(args)} exited {proc.returncode}, not {code}:\n" \
+                                    f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def _verify_report(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
 @pytest.mark.parametrize("verb", ["train", "verify", "merge", "export", "generate", "inspect"])
@@ -97,7 +111,7 @@ def test_child_argv_drops_nproc():
 
 def test_rank_error_is_printed_once(tmp_path):
     """An error only the ranks see (here: a prompt longer than data.seq_length) comes back as one line."""
-    proc = _cli("train", TINY, "data.seq_length=8", "train.steps=1", f"job.output_dir={tmp_path}", check=False)
+    proc = _cli("train", TINY, "data.seq_length=8", "train.steps=1", f"job.output_dir={tmp_path}", code=None)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("megalora train: error:"), proc.stderr[-3000:]
@@ -298,3 +312,81 @@ def test_smollm2_examples(tmp_path):
     assert peft_model.peft_config["default"].base_model_name_or_path == str(work / "runs/hf_peft/base")
     generate = next(p for c, p in procs.items() if " generate " in c)
     assert generate.stdout.strip()
+
+
+def _assert_verified(report: dict, steps: int) -> None:
+    assert report["ok"] and not report["failures"] and report["reference"]["world_size"] == 1, report["failures"]
+    assert report["steps"] == steps and report["grad_steps"] == steps
+    # Far inside the tolerances: what the layouts leave different is rounding.
+    assert report["init_max_diff"] == 0.0 and report["init_tensors"] == report["tensors_compared"] == 16
+    assert report["max_loss_rel_diff"] < 1e-5 and report["max_grad_rel_diff"] < 1e-5
+    assert report["max_update_rel_diff"] < 1e-4
+
+
+def test_verify_passes_with_sequence_parallelism(tmp_path):
+    report = _verify_report(_cli("verify", TINY, "parallel.sp=true", "--steps", "2", "--json",
+                                 "--workdir", str(tmp_path / "verify")))
+    _assert_verified(report, steps=2)
+    assert report["layout"]["sp"] and report["layout"]["tp"] == 2
+
+
+# Bugs planted in every process the CLI starts (through sitecustomize, which
+# Python imports at start-up): each is patched into its module right after
+# that module is first imported. At world size 1 neither changes anything, so
+# only the TP=2 run is broken.
+_SITECUSTOMIZE = """
+import importlib.util, sys
+
+BUG = {bug!r}
+
+
+def _patch(module):
+    if BUG == "gate-up-split" and module.__name__ == "megalora.layers.parallel":
+        # B of the gated linear_fc1 split as one block: rank k's rows are no
+        # longer [gate_k; up_k] like its base weight's.
+        cls = module.LoraColumnParallelLinear
+        init = cls.__init__
+        cls.__init__ = lambda self, base_layer, out_chunks=1: init(self, base_layer, 1)
+    if BUG == "no-grad-sync" and module.__name__ == "megalora":
+        # The replicated factors keep their TP-partial gradients.
+        module.sync_lora_grads = lambda model: 0
+
+
+class _Hook:
+    def find_spec(self, name, path=None, target=None):
+        if name not in ("megalora", "megalora.layers.parallel"):
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _Hook())
+"""
+
+
+@pytest.mark.parametrize("bug", ["gate-up-split", "no-grad-sync"])
+def test_verify_catches_broken_sharding(tmp_path, bug):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(bug=bug))
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), ROOT, env.get("PYTHONPATH")) if p)
+    proc = _cli("verify", TINY, "--steps", "2", "--json", "--workdir", str(tmp_path / "verify"), env=env, code=1)
+    report = _verify_report(proc)
+    assert not report["ok"]
+    # The sharding is wrong, not the rounding: the gradients differ by O(1), not 1e-6.
+    assert report["max_grad_rel_diff"] > 0.1, report
+    assert any(f.startswith("max_grad_rel_diff") for f in report["failures"]), report["failures"]
+    if bug == "gate-up-split":
+        assert "linear_fc1.lora_B" in report["max_grad_rel_diff_tensor"]

@@ -77,7 +77,9 @@ class TrainSection:
     ranks and into micro-batches of ``micro_batch_size``; the gradients of the
     micro-batches accumulate. Evaluation uses ``eval_micro_batch_size``
     (default ``micro_batch_size``): with no backward, bigger micro-batches
-    mean fewer collectives per example. The LR warms up linearly over ``warmup_steps``,
+    mean fewer collectives per example. ``optimizer`` is ``adamw`` (default) or
+    ``sgd`` (plain SGD, no momentum: an update linear in the gradient, which is
+    what ``megalora verify`` trains with). The LR warms up linearly over ``warmup_steps``,
     then follows a cosine down to ``min_lr`` at ``steps``. ``exit_after``
     stops this run after that many steps (a checkpoint is written there), as a
     scheduler's time limit would; ``resume: auto`` continues from it.
@@ -90,6 +92,7 @@ class TrainSection:
     lr: float = 1e-3
     min_lr: float = 0.0
     warmup_steps: int = 0
+    optimizer: str = "adamw"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -128,6 +131,7 @@ class JobSection:
     merge_check: bool = True
     export_hf_peft: bool = False
     plot: bool = True
+    record_grads: bool = False  # initial adapter + each step's gradients, for verify (training/record.py)
 
 
 SECTIONS = {"model": ModelSection, "parallel": ParallelSection, "train": TrainSection, "data": DataSection,
@@ -295,6 +299,7 @@ def check(cfg: JobConfig, world_size: Optional[int] = None) -> None:
           "use lr > 0 and 0 <= min_lr <= lr")
     _need(isinstance(t.warmup_steps, int) and t.warmup_steps >= 0, "train.warmup_steps", f"got {t.warmup_steps!r}",
           "use an integer >= 0")
+    _need(t.optimizer in ("adamw", "sgd"), "train.optimizer", f"got {t.optimizer!r}", "use 'adamw' or 'sgd'")
     _need(t.clip_grad >= 0, "train.clip_grad", f"got {t.clip_grad}", "use 0 (off) or a positive norm")
     _need(d.task == "instruct", "data.task", f"got {d.task!r}", "the only task is 'instruct'")
     _need(d.seq_length >= 8, "data.seq_length", f"got {d.seq_length}", "use 8 or more")

@@ -8,6 +8,7 @@ logs (tqdm) and writes the summary, metrics and the loss-curve PNG into
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -23,6 +24,7 @@ from .generate import greedy_generate
 from .loop import StepResult, evaluate, make_optimizer, train_step, trainable_params
 from .models import build_chunks, hf_config_of, model_vocab_size
 from .plot import plot_losses
+from .record import INITIAL_ADAPTER, write_grads
 
 
 class Log:
@@ -202,7 +204,9 @@ def _train(r: _Run, start: int) -> bool:
     for step in range(start, t.steps):
         batches, tokens = step_microbatches(r.data["train"], step, t.global_batch_size, t.micro_batch_size,
                                             ps.get_data_parallel_rank(), r.dp, r.cfg.data.seed)
-        result: StepResult = train_step(r.chunks, r.optimizer, batches, tokens, step, t, seq)
+        record = (functools.partial(write_grads, r.peft_model, r.cfg.job.output_dir, step + 1)
+                  if r.cfg.job.record_grads else None)
+        result: StepResult = train_step(r.chunks, r.optimizer, batches, tokens, step, t, seq, on_grads=record)
         r.history.append([step + 1, result.loss])
         r.grad_norms.append([step + 1, result.grad_norm])
         r.log.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", gnorm=f"{result.grad_norm:.3f}")
@@ -283,6 +287,8 @@ def run(cfg: JobConfig) -> dict:
         r.grad_norms = meta.get("grad_norms", [])
         r.log(f"resumed from {resume_from} at step {start}")
     r.summary["steps"] = cfg.train.steps
+    if cfg.job.record_grads and start == 0:
+        r.peft_model.save_pretrained(os.path.join(cfg.job.output_dir, INITIAL_ADAPTER))
     finished = _train(r, start)
     r.summary["finished"] = finished
     if finished:

@@ -13,7 +13,7 @@ micro-batches, whose gradients accumulate. Then, in order:
 2. The gradients are averaged over the data-parallel group.
 3. The global grad norm counts each TP-replicated parameter once
    (:func:`megalora.distributed.grad_norm_fp32`) and clips all grads by it.
-4. The LR for the step is set from the schedule, and AdamW steps.
+4. The LR for the step is set from the schedule, and AdamW (or SGD) steps.
 
 The loss of every micro-batch is the sum of its answer-token losses divided
 by the answer tokens of the whole *global* batch (times the factors Megatron's
@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -61,8 +61,10 @@ def trainable_params(chunks: list) -> list[torch.nn.Parameter]:
 
 
 def make_optimizer(chunks: list, t: TrainSection) -> torch.optim.Optimizer:
-    """AdamW over the trainable params only; the base model is frozen and never seen."""
+    """``train.optimizer`` over the trainable params only; the base model is frozen and never seen."""
     params = trainable_params(chunks)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.0, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                              weight_decay=t.weight_decay)
 
@@ -124,8 +126,13 @@ def clip_grads(params: list[torch.nn.Parameter], max_norm: float, total_norm: fl
 
 
 def train_step(chunks: list, optimizer: torch.optim.Optimizer, batches: list[Batch], global_tokens: int,
-               step: int, t: TrainSection, seq_length: int) -> StepResult:
-    """One optimizer step over this rank's micro-batches (see the module docstring)."""
+               step: int, t: TrainSection, seq_length: int,
+               on_grads: Optional[Callable[[], None]] = None) -> StepResult:
+    """One optimizer step over this rank's micro-batches (see the module docstring).
+
+    ``on_grads`` (collective, if given) is called once the gradients are
+    synced and averaged, before clipping: they then mean the same at every layout.
+    """
     from .. import sync_lora_grads
 
     groups = _groups()
@@ -141,6 +148,8 @@ def train_step(chunks: list, optimizer: torch.optim.Optimizer, batches: list[Bat
     sync_lora_grads(chunks)
     D.all_reduce_grads([p for p in params if getattr(p, "sequence_parallel", False)], groups["tp"])
     D.all_reduce_grads(params, groups["dp"], average=True)
+    if on_grads is not None:
+        on_grads()
     norm = D.grad_norm_fp32(params, groups["tp"], groups["mp"])
     clip_grads(params, t.clip_grad, norm)
     lr = lr_at(step, t)
