@@ -34,25 +34,25 @@ def _lora(**overrides):
     return megalora.LoraConfig(**kwargs)
 
 
-def _full_weights(tied: bool) -> dict:
+def _full_weights(tied: bool, gated: bool = False) -> dict:
     """Full base weights of the world-size-1 model (a tied one has no ``output_layer.weight``)."""
     import megalora
     from megalora.runtime import destroy_parallel
 
     megalora.init_parallel(seed=1234)
-    model = G.build_gpt(G.gpt_config(num_layers=NUM_LAYERS), tied=tied)
+    model = G.build_gpt(G.gpt_config(num_layers=NUM_LAYERS, gated=gated), tied=tied)
     full = {k: v.detach().clone() for k, v in model.named_parameters()}
     destroy_parallel()
     return full
 
 
-def _build(full: dict, tied: bool, tp=1, pp=1):
+def _build(full: dict, tied: bool, tp=1, pp=1, gated=False):
     """This rank's (single-chunk) stage at a layout, holding ``full``."""
     import megalora
 
     megalora.init_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=1234)
-    model = G.build_stage(G.gpt_config(tp=tp, pp=pp, num_layers=NUM_LAYERS), tied=tied)[0]
-    G.load_full_state(model, full)
+    model = G.build_stage(G.gpt_config(tp=tp, pp=pp, num_layers=NUM_LAYERS, gated=gated), tied=tied)[0]
+    G.load_full_state(model, full, gated=gated)
     return model
 
 
@@ -194,21 +194,23 @@ def _dist_ckpt_body(tied, pp, root):
     from megatron.core import dist_checkpointing
     from megalora.runtime import destroy_parallel
 
-    full = _full_weights(tied)
+    # Gated: megatron-core's MLP must still find linear_fc1's base keys for its SwiGLU layout.
+    full = _full_weights(tied, gated=True)
     base_dir, full_dir = os.path.join(root, "base"), os.path.join(root, "full")
     for d in (base_dir, full_dir):
         os.makedirs(d, exist_ok=True)
-    dist_checkpointing.save(_build(full, tied, pp=pp).sharded_state_dict(), base_dir)
+    dist_checkpointing.save(_build(full, tied, pp=pp, gated=True).sharded_state_dict(), base_dir)
     destroy_parallel()
 
-    peft = megalora.get_peft_model(_build(full, tied, pp=pp), _lora())
+    lora = _lora(target_modules=["linear_fc1", "linear_fc2", "output_layer"])
+    peft = megalora.get_peft_model(_build(full, tied, pp=pp, gated=True), lora)
     U.perturb(peft, "default")
     saved = U.gathered(peft)
     dist_checkpointing.save(peft.get_base_model().sharded_state_dict(), full_dir)
     destroy_parallel()
 
     # Reload the whole adapted model.
-    peft = megalora.get_peft_model(_build(full, tied, pp=pp), _lora())
+    peft = megalora.get_peft_model(_build(full, tied, pp=pp, gated=True), lora)
     model = peft.get_base_model()
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), full_dir))
     assert_close_dicts(saved, U.gathered(peft), 0.0, "adapter after a full-model dist checkpoint")

@@ -193,17 +193,9 @@ class _ParallelLoraLayer(LoraLayer):
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         singleton = bool(metadata.get("singleton_local_shards", False))
-        base = self.get_base_layer()
-        out = {}
-        for key, value in base.sharded_state_dict(prefix, sharded_offsets, metadata).items():
-            leaf = key[len(prefix):]
-            if self.b_spec.chunks == 2 and leaf in ("weight", "bias"):
-                # megatron-core's MLP applies this to linear_fc1's own keys, which
-                # are renamed here; the SwiGLU layout must still be respected.
-                from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-
-                value = apply_swiglu_sharded_factory(value, sharded_offsets, singleton)
-            out[key] = value
+        # Unchanged keys also let megatron-core's MLP apply its SwiGLU layout to a gated
+        # linear_fc1's base weight, as it does on the unwrapped layer.
+        out = dict(self.get_base_layer().sharded_state_dict(prefix, sharded_offsets, metadata))
         dp_rank = D.group_rank(metadata["dp_cp_group"])
         bias_spec = self.b_spec if self.b_spec.dim == 0 else D.FULL
         for layer_name, weight_spec, b_spec in (
