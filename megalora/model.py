@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from . import distributed as D
 from .config import LoraConfig
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
-from .layers.modules_to_save import ModulesToSaveWrapper, tied_weight_plan, untied_message, unwrap
+from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
+                                     unwrap)
 from .replication import restore_shared, unshare_for_merge
 from .targeting import (ModelChunks, describe_no_match, describe_no_saved_match, find_saved_modules, find_targets,
                         global_module_names)
@@ -94,7 +95,7 @@ class LoraModel(nn.Module):
         # One gather, before anything changes: a config that selects nothing anywhere, or a
         # problem seen on one stage only, fails on every rank together; a stage without
         # matches is fine.
-        reports = D.all_gather_objects((len(targets), saved_counts, _tie_problem(targets, config), untied))
+        reports = D.all_gather_objects((len(targets), saved_counts, _tie_problem(self.model, targets, config), untied))
         if sum(r[0] for r in reports) == 0:
             raise ValueError(describe_no_match(config))
         missing = [e for i, e in enumerate(config.modules_to_save or []) if not any(r[1][i] for r in reports)]
@@ -269,17 +270,20 @@ class LoraModel(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _tie_problem(targets: list, config: LoraConfig) -> Optional[str]:
-    """Why this rank cannot apply ``config`` to a layer tied to the embeddings (``None`` if it can)."""
+def _tie_problem(model: nn.Module, targets: list, config: LoraConfig) -> Optional[str]:
+    """Why ``config`` cannot be applied to a layer tied to the embeddings (``None`` if it can).
+
+    DoRA needs the layer's own weight, which a tied output layer lacks at PP=1;
+    refused at every layout, so that a config means the same at each.
+    """
     if not config.use_dora:
         return None
     for target in targets:
-        module = target.module
-        base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-        if hasattr(base, "weight") and base.weight is None:
-            return (f"use_dora=True needs the weight of {target.global_name}, which has none of its own (it is "
-                    "tied to the word embeddings and given their weight at forward); set use_dora=False or "
-                    f"remove {target.global_name.split('.')[-1]!r} from target_modules")
+        parent_name, _, leaf = target.local_name.rpartition(".")
+        if is_tied_output(model.get_submodule(parent_name) if parent_name else model, leaf):
+            return (f"use_dora=True cannot adapt {target.global_name}: it is tied to the word embeddings "
+                    "(share_embeddings_and_output_weights) and has no weight of its own; set use_dora=False or "
+                    f"remove {leaf!r} from target_modules")
     return None
 
 

@@ -19,6 +19,11 @@ from torch import nn
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel")
 
 
+def is_tied_output(parent: nn.Module, leaf: str) -> bool:
+    """Whether ``parent.<leaf>`` is a megatron-core output layer tied to the word embeddings."""
+    return leaf == "output_layer" and bool(getattr(parent, "share_embeddings_and_output_weights", False))
+
+
 def tied_weight_plan(parent: nn.Module, leaf: str, ensure_weight_tying: bool = False) -> Optional[torch.Tensor]:
     """What a trained copy of ``parent.<leaf>`` does about a weight tied to the embeddings.
 
@@ -39,7 +44,7 @@ def tied_weight_plan(parent: nn.Module, leaf: str, ensure_weight_tying: bool = F
         The tensor the untied copy's weight starts from, or ``None`` if the
         module is not tied (the copy then is a plain deep copy).
     """
-    if leaf != "output_layer" or not getattr(parent, "share_embeddings_and_output_weights", False):
+    if not is_tied_output(parent, leaf):
         return None
     if ensure_weight_tying:
         raise NotImplementedError("ensure_weight_tying=True is not implemented yet; leave it False")
