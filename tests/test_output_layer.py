@@ -136,6 +136,12 @@ def test_lora_on_tied_output_layer_matches_world_size_1(dist2, name):
     dist2(_lora_target_body, LAYOUTS[name], timeout_s=400)
 
 
+def test_tied_output_layer_tp2_pp2(dist4, tmp_path):
+    dist4(_lora_target_body, dict(tp=2, pp=2), timeout_s=400)
+    messages = dist4(_modules_to_save_body, dict(tp=2, pp=2), str(tmp_path), timeout_s=400)
+    assert messages[0] and not any(messages[1:]), messages
+
+
 def _saved_keys(directory: str) -> list:
     from safetensors import safe_open
 
