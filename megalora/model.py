@@ -8,18 +8,24 @@ model with LoRA layers swapped in, so state-dict keys read
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as D
 from .config import LoraConfig
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
-from .layers.modules_to_save import ModulesToSaveWrapper, unwrap
+from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
+                                     unwrap)
 from .replication import restore_shared, unshare_for_merge
-from .targeting import ModelChunks, describe_no_match, find_targets, global_module_names
+from .targeting import (ModelChunks, describe_no_match, describe_no_saved_match, find_saved_modules, find_targets,
+                        global_module_names)
+
+logger = logging.getLogger(__name__)
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -83,8 +89,21 @@ class LoraModel(nn.Module):
             self._replicate_layers(config.layer_replication)
         mcore = megatron_core_module(config.megatron_core)
         targets = find_targets(self.model, config, mcore)
-        if sum(D.all_gather_objects(len(targets))) == 0:
+        saved, saved_counts = find_saved_modules(self.model, config)
+        saved = [(name, module, self._tie_plan(name, config)) for name, module in saved]
+        untied = [global_module_names(self.model)[name] for name, _, plan in saved if plan is not None]
+        # One gather, before anything changes: a config that selects nothing anywhere, or a
+        # problem seen on one stage only, fails on every rank together; a stage without
+        # matches is fine.
+        reports = D.all_gather_objects((len(targets), saved_counts, _tie_problem(self.model, targets, config), untied))
+        if sum(r[0] for r in reports) == 0:
             raise ValueError(describe_no_match(config))
+        missing = [e for i, e in enumerate(config.modules_to_save or []) if not any(r[1][i] for r in reports)]
+        if missing:
+            raise ValueError(describe_no_saved_match(config, missing))
+        problem = next((r[2] for r in reports if r[2]), None)
+        if problem:
+            raise ValueError(problem)
         for target in targets:
             module = target.module
             if not isinstance(module, LoraLayer):
@@ -108,7 +127,14 @@ class LoraModel(nn.Module):
                 for layer_name in module.adapter_layer_names:
                     if adapter_name in getattr(module, layer_name):
                         getattr(module, layer_name)[adapter_name].to(dtype)
-        self._add_modules_to_save(adapter_name, config)
+        for local_name, module, untie_from in saved:
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name, untie_from)
+            else:
+                _set_submodule(self.model, local_name, ModulesToSaveWrapper(module, adapter_name, untie_from))
+        untied = sorted({name for r in reports for name in r[3]})
+        if untied and D.group_rank(dist.group.WORLD) == 0:
+            logger.warning(untied_message(untied))
         self.peft_config[adapter_name] = config
         self._mark_only_adapters_as_trainable(config)
 
@@ -129,20 +155,11 @@ class LoraModel(nn.Module):
         self.replication = replicate_layers(self.model, wanted)
         self._layer_replication = wanted
 
-    def _add_modules_to_save(self, adapter_name: str, config: LoraConfig) -> None:
-        if not config.modules_to_save:
-            return
-        names = global_module_names(self.model)
-        for local_name, module in list(self.model.named_modules()):
-            if not local_name or isinstance(module, LoraLayer) or ".modules_to_save." in f".{local_name}.":
-                continue
-            key = names[local_name]
-            if not any(key == m or key.endswith(f".{m}") for m in config.modules_to_save):
-                continue
-            if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name)
-            elif ".original_module" not in local_name:
-                _set_submodule(self.model, local_name, ModulesToSaveWrapper(module, adapter_name))
+    def _tie_plan(self, local_name: str, config: LoraConfig):
+        """:func:`~megalora.layers.modules_to_save.tied_weight_plan` for the module at ``local_name``."""
+        parent_name, _, leaf = local_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        return tied_weight_plan(parent, leaf, config.ensure_weight_tying)
 
     def _mark_only_adapters_as_trainable(self, config: LoraConfig) -> None:
         for name, param in self.model.named_parameters():
@@ -252,6 +269,23 @@ class LoraModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+
+def _tie_problem(model: nn.Module, targets: list, config: LoraConfig) -> Optional[str]:
+    """Why ``config`` cannot be applied to a layer tied to the embeddings (``None`` if it can).
+
+    DoRA needs the layer's own weight, which a tied output layer lacks at PP=1;
+    refused at every layout, so that a config means the same at each.
+    """
+    if not config.use_dora:
+        return None
+    for target in targets:
+        parent_name, _, leaf = target.local_name.rpartition(".")
+        if is_tied_output(model.get_submodule(parent_name) if parent_name else model, leaf):
+            return (f"use_dora=True cannot adapt {target.global_name}: it is tied to the word embeddings "
+                    "(share_embeddings_and_output_weights) and has no weight of its own; set use_dora=False or "
+                    f"remove {leaf!r} from target_modules")
+    return None
 
 
 class PeftModel(nn.Module):

@@ -219,3 +219,47 @@ def describe_no_match(config: LoraConfig) -> str:
         f"{config.layers_to_transform}, exclude_modules={config.exclude_modules}). Check target_modules: names "
         "are matched as exact names or '.'-suffixes of global module names, a string is a full-match regex."
     )
+
+
+def _names_saved_entry(key: str, entry: str) -> bool:
+    return key == entry or key.endswith(f".{entry}")
+
+
+def find_saved_modules(model: nn.Module, config: LoraConfig) -> tuple[list[tuple[str, nn.Module]], list[int]]:
+    """The modules ``config.modules_to_save`` names, and how many each entry matched here.
+
+    An entry matches a global module name exactly or as a ``.``-suffix. LoRA
+    layers and megalora's own internals (a wrapper's original and copies) are
+    skipped; an existing ``ModulesToSaveWrapper`` matches, so that a new adapter
+    adds its copy there.
+
+    Returns:
+        ``(local name, module)`` pairs, and per entry the count of matches on
+        this rank (one pipeline stage may hold none: compare across ranks).
+    """
+    entries = list(config.modules_to_save or [])
+    counts = [0] * len(entries)
+    if not entries:
+        return [], counts
+    names = global_module_names(model)
+    found = []
+    for local_name, module in model.named_modules():
+        parts = local_name.split(".")
+        if not local_name or isinstance(module, LoraLayer) or "modules_to_save" in parts \
+                or "original_module" in parts:
+            continue
+        hits = [i for i, entry in enumerate(entries) if _names_saved_entry(names[local_name], entry)]
+        for i in hits:
+            counts[i] += 1
+        if hits:
+            found.append((local_name, module))
+    return found, counts
+
+
+def describe_no_saved_match(config: LoraConfig, missing: list) -> str:
+    return (
+        f"modules_to_save entries {missing} match no module of the base model (modules_to_save="
+        f"{config.modules_to_save}). Check modules_to_save: names are matched as exact names or '.'-suffixes of "
+        "global module names (e.g. 'output_layer'); remove or correct the entry."
+    )
+

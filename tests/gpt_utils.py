@@ -64,7 +64,8 @@ def layer_spec(config, vp_stage=None):
     return spec
 
 
-def build_gpt(config, pre_process=True, post_process=True, vp_stage=None, rope=False):
+def build_gpt(config, pre_process=True, post_process=True, vp_stage=None, rope=False, tied=False):
+    """A GPT; ``tied`` shares the output layer's weight with the embeddings (Megatron's default)."""
     from megatron.core.models.gpt import GPTModel
 
     kwargs = dict(vp_stage=vp_stage) if vp_stage is not None else {}
@@ -77,12 +78,12 @@ def build_gpt(config, pre_process=True, post_process=True, vp_stage=None, rope=F
         max_sequence_length=SEQ,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=tied,
         **kwargs,
     )
 
 
-def build_stage(config, rope=False) -> list:
+def build_stage(config, rope=False, tied=False) -> list:
     """This pipeline stage's model chunks (one per virtual stage), with Megatron's first/last flags."""
     from megatron.core import parallel_state as ps
 
@@ -92,7 +93,7 @@ def build_stage(config, rope=False) -> list:
         vp_stage = v if vpp else None
         first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        chunks.append(build_gpt(config, first, last, vp_stage=vp_stage, rope=rope))
+        chunks.append(build_gpt(config, first, last, vp_stage=vp_stage, rope=rope, tied=tied))
     return chunks
 
 
@@ -115,14 +116,18 @@ def _spec_for(name: str, param, gated: bool) -> ShardSpec:
 def load_full_state(model, full: dict, gated: bool = False) -> None:
     """Copy this rank's slices of ``full`` (a TP=1/PP=1 state dict) into ``model``.
 
-    Under PP a stage's ``decoder.layers.<i>`` loads global layer ``layer_number - 1``.
+    Under PP a stage's ``decoder.layers.<i>`` loads global layer ``layer_number - 1``. A tied
+    output layer's own copy (last stage under PP) loads the embedding weight.
     """
     from megatron.core import parallel_state as ps
 
     rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            source = full[global_param_name(model, name)]
+            key = global_param_name(model, name)
+            if key == "output_layer.weight" and key not in full:
+                key = "embedding.word_embeddings.weight"
+            source = full[key]
             param.copy_(_spec_for(name, param, gated).local(source, rank, world))
 
 

@@ -89,8 +89,10 @@ def _round_trip_body(root: str):
 
 def test_lora_sharded_state_dict_keys(dist2):
     entries = dist2(_sharded_keys_body)[0]
-    # dict keys follow state_dict(); checkpoint keys keep the base layer's own names.
-    assert entries["base_layer.weight"] == "decoder.layers.mlp.linear_fc1.weight"
+    # The base layer's entries keep its own names, as dict keys and checkpoint keys
+    # (Megatron-LM's LanguageModule looks them up by name).
+    assert entries["weight"] == "decoder.layers.mlp.linear_fc1.weight"
+    assert not any(k.startswith("base_layer.") for k in entries), sorted(entries)
     assert entries["lora_B.default.weight"] == "decoder.layers.mlp.linear_fc1.lora_B.default.weight"
     assert "lora_magnitude_vector.dora.weight" in entries and "lora_A.dora.weight" in entries
 

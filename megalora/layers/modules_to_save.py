@@ -1,14 +1,74 @@
-"""``modules_to_save``: trainable copies of whole modules, saved with the adapter."""
+"""``modules_to_save``: trainable copies of whole modules, saved with the adapter.
+
+A megatron-core output layer tied to the word embeddings
+(``share_embeddings_and_output_weights``, Megatron's default) has no weight of
+its own at PP=1, and under PP its weight is a duplicate that
+``finalize_model_grads`` all-reduces with the first stage's embedding. Its
+trained copy is untied on purpose, as PEFT does by default
+(``ensure_weight_tying=False``): see :func:`tied_weight_plan`.
+"""
 
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel")
+
+
+def is_tied_output(parent: nn.Module, leaf: str) -> bool:
+    """Whether ``parent.<leaf>`` is a megatron-core output layer tied to the word embeddings."""
+    return leaf == "output_layer" and bool(getattr(parent, "share_embeddings_and_output_weights", False))
+
+
+def tied_weight_plan(parent: nn.Module, leaf: str, ensure_weight_tying: bool = False) -> Optional[torch.Tensor]:
+    """What a trained copy of ``parent.<leaf>`` does about a weight tied to the embeddings.
+
+    The one place this is decided. With PEFT's default
+    (``ensure_weight_tying=False``) the copy is untied: it gets its own weight,
+    initialised from the tied one and used instead of the weight the model
+    passes at forward, while the frozen original stays what
+    ``shared_embedding_or_output_weight()`` returns, so the embedding all-reduce
+    of ``finalize_model_grads`` sees a frozen weight on every stage.
+
+    Args:
+        parent: The module holding the one to copy (a ``GPTModel`` for ``output_layer``).
+        leaf: The attribute name of the module to copy.
+        ensure_weight_tying: PEFT's switch to keep the tie (train embedding and
+            output together); not implemented yet (``LoraConfig`` refuses it).
+
+    Returns:
+        The tensor the untied copy's weight starts from, or ``None`` if the
+        module is not tied (the copy then is a plain deep copy).
+    """
+    if not is_tied_output(parent, leaf):
+        return None
+    if ensure_weight_tying:
+        raise NotImplementedError("ensure_weight_tying=True is not implemented yet; leave it False")
+    return parent.shared_embedding_or_output_weight()
+
+
+def untied_message(names: Sequence[str]) -> str:
+    """The one-line notice that :func:`tied_weight_plan` untied ``names``."""
+    return (f"modules_to_save {sorted(set(names))}: the trained copy is untied from the word embeddings "
+            "(PEFT's default, ensure_weight_tying=False): it trains its own output weight, initialised from "
+            "the embeddings, and is saved with the adapter; ensure_weight_tying=True (coming later) will keep "
+            "the tie")
+
+
+def _own_weight(clone: nn.Module, source: torch.Tensor) -> None:
+    """Give ``clone`` a trainable weight of its own, a copy of ``source`` with its TP split."""
+    weight = nn.Parameter(source.detach().clone())
+    for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+        if hasattr(source, attr):
+            setattr(weight, attr, getattr(source, attr))
+    # Like an untied output layer's weight; never ``shared``/``shared_embedding``, which
+    # would keep it out of grad clipping and in the embedding all-reduce.
+    weight.is_embedding_or_output_parameter = True
+    clone.weight = weight
 
 
 def _copy_with_tp_attributes(module: nn.Module) -> nn.Module:
@@ -39,20 +99,31 @@ class ModulesToSaveWrapper(nn.Module):
 
     State-dict keys are PEFT's: ``<path>.original_module.*`` and
     ``<path>.modules_to_save.<adapter>.*``.
+
+    Args:
+        module: The module to copy.
+        adapter_name: The first adapter.
+        untie_from: For a module tied to the embeddings, the tensor each copy's
+            own weight starts from (see :func:`tied_weight_plan`).
     """
 
-    def __init__(self, module: nn.Module, adapter_name: str):
+    def __init__(self, module: nn.Module, adapter_name: str, untie_from: Optional[torch.Tensor] = None):
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
         self._active_adapter: list[str] = []
         self._disable_adapters = False
-        self.update(adapter_name)
+        self.untied = False
+        self.update(adapter_name, untie_from)
         self.set_adapter([adapter_name])
         self.register_load_state_dict_pre_hook(self._load_unwrapped_keys)
 
-    def update(self, adapter_name: str) -> None:
-        self.modules_to_save[adapter_name] = _copy_with_tp_attributes(self.original_module)
+    def update(self, adapter_name: str, untie_from: Optional[torch.Tensor] = None) -> None:
+        clone = _copy_with_tp_attributes(self.original_module)
+        if untie_from is not None:
+            _own_weight(clone, untie_from)
+            self.untied = True
+        self.modules_to_save[adapter_name] = clone
 
     @property
     def active_adapters(self) -> list[str]:
@@ -112,16 +183,24 @@ class ModulesToSaveWrapper(nn.Module):
                 state_dict[f"{prefix}original_module.{rest}"] = state_dict.pop(key)
 
     def forward(self, *args, **kwargs):
-        return self.active_module(*args, **kwargs)
+        module = self.active_module
+        if self.untied and module is not self.original_module:
+            # The model passes the tied embedding weight; an untied copy uses its own.
+            kwargs.pop("weight", None)
+        return module(*args, **kwargs)
 
     def __getattr__(self, name: str):
         # Code that reads attributes of the wrapped module (megatron-core reads
-        # e.g. ``output_layer.weight`` or ``sequence_parallel``) sees the active copy.
+        # e.g. ``output_layer.weight`` or ``sequence_parallel``) sees the active copy,
+        # but the weight of an untied one stays the frozen original: it is what
+        # ``shared_embedding_or_output_weight()`` hands the embedding all-reduce.
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "modules_to_save"):
+            if name in ("original_module", "modules_to_save", "untied"):
                 raise
+            if name == "weight" and self.untied:
+                return self.original_module.weight
             return getattr(self.active_module, name)
 
 

@@ -178,10 +178,11 @@ class _ParallelLoraLayer(LoraLayer):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict = None) -> dict:
         """megatron-core distributed checkpointing: the base layer's tensors, then every adapter's.
 
-        Checkpoint keys of the base layer stay its own (``<prefix>weight``), so a
-        base-model checkpoint loads into the adapted model; the dict keys follow
-        this module's ``state_dict`` (``<prefix>base_layer.weight``), so
-        ``load_state_dict`` takes what ``dist_checkpointing.load`` returns.
+        The base layer's entries keep its own names, as checkpoint keys and as dict
+        keys (``<prefix>weight``), as on an unwrapped layer: a base-model checkpoint
+        loads into the adapted model, and megatron-core's ``LanguageModule`` finds
+        ``output_layer.weight`` to tie or mark. ``load_state_dict`` maps them back to
+        ``base_layer.*`` (:meth:`LoraLayer._load_base_keys`).
         Each factor is one :func:`~megalora.distributed.sharded_tensor` under
         ``<prefix>lora_A.<adapter>.weight`` with its own shard spec: sharded
         factors are written by every TP rank, replicated ones once, and a gated
@@ -192,17 +193,9 @@ class _ParallelLoraLayer(LoraLayer):
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         singleton = bool(metadata.get("singleton_local_shards", False))
-        base = self.get_base_layer()
-        out = {}
-        for key, value in base.sharded_state_dict(prefix, sharded_offsets, metadata).items():
-            leaf = key[len(prefix):]
-            if self.b_spec.chunks == 2 and leaf in ("weight", "bias"):
-                # megatron-core's MLP applies this to linear_fc1's own keys, which
-                # are renamed here; the SwiGLU layout must still be respected.
-                from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-
-                value = apply_swiglu_sharded_factory(value, sharded_offsets, singleton)
-            out[f"{prefix}base_layer.{leaf}"] = value
+        # Unchanged keys also let megatron-core's MLP apply its SwiGLU layout to a gated
+        # linear_fc1's base weight, as it does on the unwrapped layer.
+        out = dict(self.get_base_layer().sharded_state_dict(prefix, sharded_offsets, metadata))
         dp_rank = D.group_rank(metadata["dp_cp_group"])
         bias_spec = self.b_spec if self.b_spec.dim == 0 else D.FULL
         for layer_name, weight_spec, b_spec in (
