@@ -29,7 +29,7 @@ QUICK = ["train.steps=4", "job.eval_base=false", "job.merge_check=false", "job.p
 DEEP = ["model.num_layers=4"]
 
 
-def _run(out: str, overrides: list[str]) -> dict:
+def _run(out: str, overrides: list[str]):
     from megalora.training import load, run
 
     return run(load(TINY, [*QUICK, *overrides, f"job.output_dir={out}"]))
@@ -40,16 +40,16 @@ def _runs(root: str, layouts: dict) -> dict:
     return {name: _run(os.path.join(root, name), overrides) for name, overrides in layouts.items()}
 
 
-def _adapter(summary: dict) -> dict:
+def _adapter(summary) -> dict:
     from megalora.checkpoint import read_adapter_tensors
 
-    return read_adapter_tensors(summary["adapter_dir"])
+    return read_adapter_tensors(summary.adapter_dir)
 
 
-def _assert_same_training(got: dict, ref: dict, what: str) -> None:
-    for (step, a), (_, b) in zip(got["history"], ref["history"], strict=True):
+def _assert_same_training(got, ref, what: str) -> None:
+    for (step, a), (_, b) in zip(got.history, ref.history, strict=True):
         assert a == pytest.approx(b, rel=1e-5), f"{what}: step {step} loss {a} vs world size 1 {b}"
-    for (step, a), (_, b) in zip(got["grad_norms"], ref["grad_norms"], strict=True):
+    for (step, a), (_, b) in zip(got.grad_norms, ref.grad_norms, strict=True):
         assert a == pytest.approx(b, rel=1e-5), f"{what}: step {step} grad norm {a} vs world size 1 {b}"
     wa, wb = _adapter(got), _adapter(ref)
     assert wa.keys() == wb.keys(), f"{what}: adapters hold different tensors"
@@ -57,7 +57,7 @@ def _assert_same_training(got: dict, ref: dict, what: str) -> None:
         diff = (wa[key] - wb[key]).abs().max().item()
         # Adam turns rounding noise in near-zero grads into steps well below lr (3e-3).
         assert diff <= 5e-5, f"{what}: {key} differs by {diff} from world size 1"
-    assert got["answer_after"] == ref["answer_after"], f"{what}: greedy answer differs from world size 1"
+    assert got.answer_after == ref.answer_after, f"{what}: greedy answer differs from world size 1"
 
 
 def test_layouts_match_world_size_one(tmp_path):
@@ -74,16 +74,16 @@ def test_layouts_match_world_size_one(tmp_path):
     four = run_on_ranks(4, _runs, os.path.join(root, "w4"), {
         "tp2_pp2_vpp2_sp": ["parallel.pp=2", "parallel.vpp=2", "parallel.sp=true", *DEEP],
     }, timeout_s=600)
-    assert two[0]["tp2"]["history"] == two[1]["tp2"]["history"], "ranks disagree on the logged losses"
+    assert two[0]["tp2"].history == two[1]["tp2"].history, "ranks disagree on the logged losses"
     for name, summary in {**two[0], **four[0]}.items():
         _assert_same_training(summary, ref["deep" if "pp2" in name else "shallow"], name)
     # Clipping engaged (so the norm decided the update scale), and training moved.
-    assert all(n > 0.05 for _, n in ref["shallow"]["grad_norms"])
-    assert ref["shallow"]["history"][-1][1] < ref["shallow"]["history"][0][1]
+    assert all(n > 0.05 for _, n in ref["shallow"].grad_norms)
+    assert ref["shallow"].history[-1][1] < ref["shallow"].history[0][1]
 
 
-def _resume_body(root: str) -> tuple:
-    dropout = ["lora.lora_dropout=0.1", "train.steps=6", "job.max_new_tokens=0"]
+def _resume_body(root: str, extra: tuple = ()) -> tuple:
+    dropout = ["lora.lora_dropout=0.1", "train.steps=6", "job.max_new_tokens=0", *extra]
     full = _run(os.path.join(root, "full"), dropout)
     parts = os.path.join(root, "parts")
     first = _run(parts, [*dropout, "train.exit_after=3"])
@@ -93,16 +93,16 @@ def _resume_body(root: str) -> tuple:
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full, first, second = run_on_ranks(2, _resume_body, str(tmp_path))[0]
-    assert not first["finished"] and len(first["history"]) == 3
+    assert not first.finished and len(first.history) == 3
     assert os.path.isfile(tmp_path / "parts" / "checkpoints" / "step_000003" / "rank_00001.pt")
-    assert second["finished"] and second["history"] == full["history"], (second["history"], full["history"])
-    assert second["grad_norms"] == full["grad_norms"]
+    assert second.finished and second.history == full.history, (second.history, full.history)
+    assert second.grad_norms == full.grad_norms
     a, b = _adapter(second), _adapter(full)
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed adapter is not bit-identical"
-    assert second["final_eval_loss"] == full["final_eval_loss"]
+    assert second.final_eval_loss == full.final_eval_loss
 
 
-def _job_body(root: str) -> dict:
+def _job_body(root: str):
     from megalora.training import load, run
 
     return run(load(TINY, [f"job.output_dir={root}", "train.log_every=0"]))
@@ -113,14 +113,14 @@ def test_tiny_job_end_to_end(tmp_path):
 
     summaries = run_on_ranks(2, _job_body, str(tmp_path))
     s = summaries[0]
-    assert summaries[1]["final_eval_loss"] == s["final_eval_loss"]
-    assert s["final_eval_loss"] < s["base_eval_loss"] - 0.1, (s["base_eval_loss"], s["final_eval_loss"])
-    assert abs(s["merged_eval_loss"] - s["final_eval_loss"]) < 1e-4
-    assert [e[0] for e in s["evals"]] == [10, 20]
-    assert isinstance(s["answer_before"], str) and isinstance(s["answer_after"], str)
+    assert summaries[1].final_eval_loss == s.final_eval_loss
+    assert s.final_eval_loss < s.base_eval_loss - 0.1, (s.base_eval_loss, s.final_eval_loss)
+    assert abs(s.merged_eval_loss - s.final_eval_loss) < 1e-4
+    assert [e[0] for e in s.evals] == [10, 20]
+    assert isinstance(s.answer_before, str) and isinstance(s.answer_after, str)
     assert os.path.getsize(tmp_path / "loss_curve.png") > 1000
     with open(tmp_path / "summary.json") as handle:
-        assert json.load(handle)["final_eval_loss"] == s["final_eval_loss"]
+        assert json.load(handle)["final_eval_loss"] == s.final_eval_loss
     info = inspect_adapter(str(tmp_path / "adapter"))
     assert info["num_modules"] == 8 and info["ranks"] == [8]
     assert info["layout"]["tensor_model_parallel_size"] == 2

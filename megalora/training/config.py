@@ -83,6 +83,12 @@ class TrainSection:
     then follows a cosine down to ``min_lr`` at ``steps``. ``exit_after``
     stops this run after that many steps (a checkpoint is written there), as a
     scheduler's time limit would; ``resume: auto`` continues from it.
+
+    ``distributed_optimizer`` shards the optimizer state and fp32 master
+    weights over the data-parallel ranks (megatron-core's DistributedOptimizer,
+    Megatron-LM's ``--use-distributed-optimizer``). ``bf16`` is Megatron-LM's
+    ``--bf16``: the model (base and adapter) computes in bf16, the optimizer
+    keeps fp32 master weights of the adapter and reduces its grads in fp32.
     """
 
     steps: int = 20
@@ -105,6 +111,8 @@ class TrainSection:
     resume: Optional[str] = None
     exit_after: Optional[int] = None
     num_threads: Optional[int] = None
+    distributed_optimizer: bool = False
+    bf16: bool = False
 
 
 @dataclass
@@ -301,6 +309,11 @@ def check(cfg: JobConfig, world_size: Optional[int] = None) -> None:
           "use an integer >= 0")
     _need(t.optimizer in ("adamw", "sgd"), "train.optimizer", f"got {t.optimizer!r}", "use 'adamw' or 'sgd'")
     _need(t.clip_grad >= 0, "train.clip_grad", f"got {t.clip_grad}", "use 0 (off) or a positive norm")
+    _need(not t.bf16 or m.dtype in ("float32", "bfloat16"), "train.bf16", f"true with model.dtype={m.dtype}",
+          "train.bf16 builds the model in bfloat16; set model.dtype to bfloat16 (or float32), or train.bf16=false")
+    _need(not (t.distributed_optimizer and cfg.job.record_grads), "job.record_grads",
+          "the distributed optimizer keeps only this rank's shard of the reduced grads",
+          "set train.distributed_optimizer=false to record gradients")
     _need(d.task == "instruct", "data.task", f"got {d.task!r}", "the only task is 'instruct'")
     _need(d.seq_length >= 8, "data.seq_length", f"got {d.seq_length}", "use 8 or more")
     if p.sp:

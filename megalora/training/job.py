@@ -8,11 +8,13 @@ logs (tqdm) and writes the summary, metrics and the loss-curve PNG into
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,8 +23,9 @@ from .. import distributed as D
 from . import state as ckpt
 from .config import JobConfig, check_layout, data_parallel_size
 from .generate import greedy_generate
-from .loop import StepResult, evaluate, make_optimizer, train_step, trainable_params
+from .loop import StepResult, evaluate, train_step
 from .models import build_chunks, hf_config_of, model_vocab_size
+from .optim import make_optimizer, trainable_params, wrap_chunks
 from .plot import plot_losses
 from .record import INITIAL_ADAPTER, write_grads
 
@@ -46,11 +49,60 @@ class Log:
 
 
 def layout_of(cfg: JobConfig) -> dict:
-    p = cfg.parallel
-    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "sp": p.sp, "world_size": dist.get_world_size()}
+    """What a training checkpoint's per-rank optimizer state depends on."""
+    p, t = cfg.parallel, cfg.train
+    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "sp": p.sp, "world_size": dist.get_world_size(),
+            "distributed_optimizer": t.distributed_optimizer, "bf16": t.bf16}
 
 
-def _prepare_data(cfg: JobConfig, log: Log) -> dict:
+@dataclass
+class TaskData:
+    """The tokenized task of a run: the same on every rank, but ``tokenizer`` (rank 0 only)."""
+
+    train: Any  # megalora.data.Tokenized
+    eval: Any
+    prompt: str
+    reference: Optional[str]  # the prompt's answer, when the prompt is one of the task's questions
+    prompt_ids: list
+    eos_id: int
+    vocab: int  # tokens the model may generate (the tokenizer's, capped by the model's vocabulary)
+    tokenizer: Any = None
+
+
+@dataclass
+class JobSummary:
+    """What a run reports (``summary.json``); the same on every rank.
+
+    Fields stay ``None`` for what the run did not do (no base eval, stopped by
+    ``train.exit_after`` before the final eval, ...).
+    """
+
+    layout: dict
+    launcher: str
+    prompt: str
+    reference_answer: Optional[str]
+    steps: int = 0
+    finished: bool = False
+    base_eval_loss: Optional[float] = None
+    answer_before: Optional[str] = None
+    history: list = field(default_factory=list)  # [step, train loss]
+    grad_norms: list = field(default_factory=list)  # [step, global grad norm before clipping]
+    evals: list = field(default_factory=list)  # [step, eval loss]
+    final_eval_loss: Optional[float] = None
+    answer_after: Optional[str] = None
+    merged_eval_loss: Optional[float] = None
+    adapter_dir: Optional[str] = None
+    hf_peft_adapter_dir: Optional[str] = None
+    plot: Optional[str] = None
+    train_seconds: float = 0.0
+    seconds_per_step: float = 0.0
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _prepare_data(cfg: JobConfig, log: Log) -> TaskData:
     """Tokenized train/eval sets and the demo prompt. Rank 0 tokenizes and broadcasts.
 
     Loading an HF tokenizer from GGUF takes seconds of CPU; one rank does it.
@@ -66,15 +118,14 @@ def _prepare_data(cfg: JobConfig, log: Log) -> dict:
             tokenizer = load_tokenizer(d.tokenizer)
             prompt = cfg.job.prompt or evals[0].question
             reference = next((e.answer for e in evals + train if e.question == prompt), None)
-            payload = dict(train=tokenize(train, tokenizer, d.seq_length), eval=tokenize(evals, tokenizer, d.seq_length),
-                           prompt=prompt, reference=reference, prompt_ids=tokenizer.prompt_ids(prompt),
-                           eos_id=tokenizer.eos_id, vocab=tokenizer.vocab_size)
+            payload = TaskData(tokenize(train, tokenizer, d.seq_length), tokenize(evals, tokenizer, d.seq_length),
+                               prompt, reference, tokenizer.prompt_ids(prompt), tokenizer.eos_id, tokenizer.vocab_size)
         except (ValueError, OSError, ImportError) as exc:
             error = f"{type(exc).__name__}: {exc}"
     D.agree_or_raise(D.broadcast_object(error))
     payload = D.broadcast_object(payload)
-    payload["tokenizer"] = tokenizer  # rank 0 decodes the answers
-    log(f"data: {len(payload['train'])} train / {len(payload['eval'])} eval examples, seq_length "
+    payload.tokenizer = tokenizer  # rank 0 decodes the answers
+    log(f"data: {len(payload.train)} train / {len(payload.eval)} eval examples, seq_length "
         f"{cfg.data.seq_length}, tokenizer {cfg.data.tokenizer}")
     return payload
 
@@ -85,10 +136,10 @@ def _all_categories():
     return CATEGORIES
 
 
-def _answer(chunks, data, cfg: JobConfig) -> str | None:
-    ids = greedy_generate(chunks, data["prompt_ids"], cfg.job.max_new_tokens, data["eos_id"], data["vocab"],
+def _answer(chunks, data: TaskData, cfg: JobConfig) -> str | None:
+    ids = greedy_generate(chunks, data.prompt_ids, cfg.job.max_new_tokens, data.eos_id, data.vocab,
                           sequence_parallel=cfg.parallel.sp)
-    tok = data["tokenizer"]
+    tok = data.tokenizer
     return tok.decode(ids).strip() if tok is not None else None
 
 
@@ -103,26 +154,24 @@ class _Run:
 
     cfg: JobConfig
     log: Log
-    data: dict
-    peft_model: object
-    chunks: list
-    optimizer: torch.optim.Optimizer
+    data: TaskData
+    peft_model: Any
+    chunks: list  # the model chunks with LoRA, as built
+    model: list  # the same chunks wrapped for training (optim.wrap_chunks)
+    optimizer: Any  # megatron-core's optimizer over ``model``
     eval_batches: list
     dp: int
-    summary: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)
-    grad_norms: list = field(default_factory=list)
-    evals: list = field(default_factory=list)
+    summary: JobSummary
 
     @property
     def ckpt_root(self) -> str:
         return os.path.join(self.cfg.job.output_dir, "checkpoints")
 
     def checkpoint(self, step: int) -> str:
-        extra = {"base_eval_loss": self.summary["base_eval_loss"]} if "base_eval_loss" in self.summary else {}
+        s = self.summary
+        extra = {"base_eval_loss": s.base_eval_loss} if s.base_eval_loss is not None else {}
         return ckpt.save(self.ckpt_root, self.peft_model, self.optimizer, step,
-                         dict(layout=self.summary["layout"], history=self.history, grad_norms=self.grad_norms,
-                              evals=self.evals,
+                         dict(layout=s.layout, history=s.history, grad_norms=s.grad_norms, evals=s.evals,
                               consumed_samples=step * self.cfg.train.global_batch_size, **extra))
 
 
@@ -152,24 +201,27 @@ def _setup(cfg: JobConfig) -> _Run:
 
     data = _prepare_data(cfg, log)
     tb = time.time()
-    chunks = build_chunks(cfg, data["vocab"])
+    chunks = build_chunks(cfg, data.vocab)
     peft_model = megalora.get_peft_model(chunks if p.vpp else chunks[0], cfg.lora_config())
     chunks = list(peft_model)
-    if cfg.model.dtype != "float32":
-        # Master weights: the adapter trains in fp32 on a bf16/fp16 base (the LoRA
-        # layers cast their input to the factors' dtype, and the result back).
+    if cfg.model.dtype != "float32" and not cfg.train.bf16:
+        # The adapter trains in fp32 on a bf16/fp16 base (the LoRA layers cast their
+        # input to the factors' dtype, and the result back). Under train.bf16 the
+        # Megatron optimizer keeps the fp32 master weights instead.
         for param in trainable_params(chunks):
             param.data = param.data.float()
-    data["vocab"] = min(data["vocab"], model_vocab_size(chunks))  # padded rows are not tokens
+    model = wrap_chunks(chunks, cfg.train)
+    data.vocab = min(data.vocab, model_vocab_size(chunks))  # padded rows are not tokens
     counts = peft_model.get_nb_trainable_parameters()  # collective: global counts, the same at every layout
     name = cfg.model.hf_path or ("SmolLM2-135M-Instruct" if cfg.model.source == "hf" else "random GPT")
     log(f"model: {name} built in {time.time() - tb:.1f}s | LoRA trainable {counts[0]:,} of "
         f"{counts[1]:,} params")
     multiple = p.pp if p.vpp else 1
-    eval_batches = eval_microbatches(data["eval"], cfg.train.eval_micro_batch_size or cfg.train.micro_batch_size,
+    eval_batches = eval_microbatches(data.eval, cfg.train.eval_micro_batch_size or cfg.train.micro_batch_size,
                                      ps.get_data_parallel_rank(), dp, multiple)
-    summary = {"layout": layout_of(cfg), "launcher": launcher, "prompt": data["prompt"], "reference_answer": data["reference"]}
-    return _Run(cfg, log, data, peft_model, chunks, make_optimizer(chunks, cfg.train), eval_batches, dp, summary)
+    summary = JobSummary(layout_of(cfg), launcher, data.prompt, data.reference, steps=cfg.train.steps)
+    return _Run(cfg, log, data, peft_model, chunks, model, make_optimizer(model, cfg.train), eval_batches, dp,
+                summary)
 
 
 def _before(r: _Run, meta: dict) -> None:
@@ -177,15 +229,15 @@ def _before(r: _Run, meta: dict) -> None:
     cfg, seq = r.cfg, r.cfg.data.seq_length
     if cfg.job.eval_base:
         if "base_eval_loss" in meta:  # measured before the run was interrupted
-            r.summary["base_eval_loss"] = meta["base_eval_loss"]
+            r.summary.base_eval_loss = meta["base_eval_loss"]
         else:
             with r.peft_model.disable_adapter():
-                r.summary["base_eval_loss"] = evaluate(r.chunks, r.eval_batches, seq)
-        r.log(f"base model eval loss: {r.summary['base_eval_loss']:.4f}")
+                r.summary.base_eval_loss = evaluate(r.model, r.eval_batches, seq)
+        r.log(f"base model eval loss: {r.summary.base_eval_loss:.4f}")
     if cfg.job.max_new_tokens > 0:
         with r.peft_model.disable_adapter():
-            r.summary["answer_before"] = _answer(r.chunks, r.data, cfg)
-        r.log(f"prompt: {r.data['prompt']!r}\n    base model answers: {r.summary['answer_before']!r}")
+            r.summary.answer_before = _answer(r.chunks, r.data, cfg)
+        r.log(f"prompt: {r.data.prompt!r}\n    base model answers: {r.summary.answer_before!r}")
 
 
 def _train(r: _Run, start: int) -> bool:
@@ -195,28 +247,28 @@ def _train(r: _Run, start: int) -> bool:
 
     from ..data import step_microbatches
 
-    t, seq = r.cfg.train, r.cfg.data.seq_length
+    t, seq, s = r.cfg.train, r.cfg.data.seq_length, r.summary
     # disable=None: a bar on a terminal, none in a log file (the log_every lines remain).
     r.log.bar = tqdm(total=t.steps, initial=start, disable=None if r.log.enabled else True, desc="train",
                      dynamic_ncols=True)
     t_train = time.time()
     finished = True
     for step in range(start, t.steps):
-        batches, tokens = step_microbatches(r.data["train"], step, t.global_batch_size, t.micro_batch_size,
+        batches, tokens = step_microbatches(r.data.train, step, t.global_batch_size, t.micro_batch_size,
                                             ps.get_data_parallel_rank(), r.dp, r.cfg.data.seed)
         record = (functools.partial(write_grads, r.peft_model, r.cfg.job.output_dir, step + 1)
                   if r.cfg.job.record_grads else None)
-        result: StepResult = train_step(r.chunks, r.optimizer, batches, tokens, step, t, seq, on_grads=record)
-        r.history.append([step + 1, result.loss])
-        r.grad_norms.append([step + 1, result.grad_norm])
+        result: StepResult = train_step(r.model, r.optimizer, batches, tokens, step, t, seq, on_grads=record)
+        s.history.append([step + 1, result.loss])
+        s.grad_norms.append([step + 1, result.grad_norm])
         r.log.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", gnorm=f"{result.grad_norm:.3f}")
         r.log.bar.update(1)
         done = step + 1
         if t.log_every and done % t.log_every == 0:
             r.log(f"step {done}/{t.steps} loss {result.loss:.4f} lr {result.lr:.2e} grad_norm {result.grad_norm:.3f}")
         if t.eval_every and done % t.eval_every == 0 and done < t.steps:
-            r.evals.append([done, evaluate(r.chunks, r.eval_batches, seq)])
-            r.log(f"step {done}: eval loss {r.evals[-1][1]:.4f}")
+            s.evals.append([done, evaluate(r.model, r.eval_batches, seq)])
+            r.log(f"step {done}: eval loss {s.evals[-1][1]:.4f}")
         stop = bool(t.exit_after) and done - start >= t.exit_after and done < t.steps
         if (t.save_every and done % t.save_every == 0) or stop:
             r.log(f"checkpoint: {r.checkpoint(done)}")
@@ -227,28 +279,27 @@ def _train(r: _Run, start: int) -> bool:
             break
     r.log.bar.close()
     r.log.bar = None
-    r.summary["train_seconds"] = time.time() - t_train
-    r.summary["seconds_per_step"] = r.summary["train_seconds"] / max(len(r.history) - start, 1)
-    r.summary["history"], r.summary["grad_norms"], r.summary["evals"] = r.history, r.grad_norms, r.evals
+    s.train_seconds = time.time() - t_train
+    s.seconds_per_step = s.train_seconds / max(len(s.history) - start, 1)
     return finished
 
 
 def _after(r: _Run) -> None:
     """Final eval and answer, save, HF PEFT export, merge check."""
     cfg, seq, log, summary = r.cfg, r.cfg.data.seq_length, r.log, r.summary
-    final = evaluate(r.chunks, r.eval_batches, seq)
-    r.evals.append([cfg.train.steps, final])
-    summary["final_eval_loss"] = final
-    log(f"fine-tuned eval loss: {final:.4f}" + (f" (base {summary['base_eval_loss']:.4f})"
-                                                if "base_eval_loss" in summary else ""))
+    final = evaluate(r.model, r.eval_batches, seq)
+    summary.evals.append([cfg.train.steps, final])
+    summary.final_eval_loss = final
+    log(f"fine-tuned eval loss: {final:.4f}" + (f" (base {summary.base_eval_loss:.4f})"
+                                                if summary.base_eval_loss is not None else ""))
     if cfg.job.max_new_tokens > 0:
-        summary["answer_after"] = _answer(r.chunks, r.data, cfg)
-        log(f"prompt: {r.data['prompt']!r}\n    fine-tuned model answers: {summary['answer_after']!r}"
-            + (f" (reference {r.data['reference']!r})" if r.data["reference"] else ""))
+        summary.answer_after = _answer(r.chunks, r.data, cfg)
+        log(f"prompt: {r.data.prompt!r}\n    fine-tuned model answers: {summary.answer_after!r}"
+            + (f" (reference {r.data.reference!r})" if r.data.reference else ""))
 
     adapter_dir = os.path.join(cfg.job.output_dir, "adapter")
     r.peft_model.save_pretrained(adapter_dir)
-    summary["adapter_dir"] = adapter_dir
+    summary.adapter_dir = adapter_dir
     log(f"adapter saved: {adapter_dir}")
     hf_config = hf_config_of(r.chunks)
     if cfg.job.export_hf_peft and hf_config is not None:
@@ -256,17 +307,17 @@ def _after(r: _Run) -> None:
 
         hf_dir = os.path.join(cfg.job.output_dir, "hf_peft_adapter")
         export_peft_with_base(cfg, r.peft_model, hf_dir)
-        summary["hf_peft_adapter_dir"] = hf_dir
+        summary.hf_peft_adapter_dir = hf_dir
         log(f"HF PEFT adapter exported: {hf_dir} (peft.AutoPeftModelForCausalLM.from_pretrained(that folder))")
     if cfg.job.merge_check:
         merged = r.peft_model.merge_and_unload()
-        summary["merged_eval_loss"] = evaluate(merged if isinstance(merged, list) else [merged], r.eval_batches, seq)
-        log(f"merged model eval loss: {summary['merged_eval_loss']:.4f} (with the adapter unmerged {final:.4f}, "
-            f"difference {abs(summary['merged_eval_loss'] - final):.2e})")
+        summary.merged_eval_loss = evaluate(merged if isinstance(merged, list) else [merged], r.eval_batches, seq)
+        log(f"merged model eval loss: {summary.merged_eval_loss:.4f} (with the adapter unmerged {final:.4f}, "
+            f"difference {abs(summary.merged_eval_loss - final):.2e})")
 
 
-def run(cfg: JobConfig) -> dict:
-    """Runs the whole job on this rank; returns the summary (the same dict on every rank).
+def run(cfg: JobConfig) -> JobSummary:
+    """Runs the whole job on this rank; returns the summary (the same on every rank).
 
     Collective over the world group. Raises ``ValueError`` on every rank for a
     config that does not fit the world size or the model.
@@ -282,25 +333,25 @@ def run(cfg: JobConfig) -> dict:
     start = 0
     if resume_from:
         # Restored last, right before the loop, so nothing above moves an RNG.
-        meta = ckpt.load(resume_from, r.peft_model, r.optimizer, r.summary["layout"])
-        start, r.history, r.evals = meta["step"], meta.get("history", []), meta.get("evals", [])
-        r.grad_norms = meta.get("grad_norms", [])
+        meta = ckpt.load(resume_from, r.peft_model, r.optimizer, r.summary.layout)
+        start, r.summary.history, r.summary.evals = meta["step"], meta.get("history", []), meta.get("evals", [])
+        r.summary.grad_norms = meta.get("grad_norms", [])
         r.log(f"resumed from {resume_from} at step {start}")
-    r.summary["steps"] = cfg.train.steps
     if cfg.job.record_grads and start == 0:
         r.peft_model.save_pretrained(os.path.join(cfg.job.output_dir, INITIAL_ADAPTER))
     finished = _train(r, start)
-    r.summary["finished"] = finished
+    s = r.summary
+    s.finished = finished
     if finished:
         _after(r)
-    r.summary["wall_seconds"] = time.time() - t0
+    s.wall_seconds = time.time() - t0
     out = cfg.job.output_dir
     if dist.get_rank() == 0:
         if cfg.job.plot and finished:
-            r.summary["plot"] = plot_losses(os.path.join(out, "loss_curve.png"), r.history, r.evals,
-                                            r.summary.get("base_eval_loss"), r.summary.get("merged_eval_loss"))
-            if r.summary["plot"]:
-                r.log(f"loss curve: {r.summary['plot']}")
-        _write_json(os.path.join(out, "summary.json"), r.summary)
-    r.log(f"done in {r.summary['wall_seconds']:.1f}s; summary: {os.path.join(out, 'summary.json')}")
+            s.plot = plot_losses(os.path.join(out, "loss_curve.png"), s.history, s.evals, s.base_eval_loss,
+                                 s.merged_eval_loss)
+            if s.plot:
+                r.log(f"loss curve: {s.plot}")
+        _write_json(os.path.join(out, "summary.json"), s.to_dict())
+    r.log(f"done in {s.wall_seconds:.1f}s; summary: {os.path.join(out, 'summary.json')}")
     return D.broadcast_object(r.summary)

@@ -2,18 +2,13 @@
 
 A step runs ``get_forward_backward_func()`` (no pipelining, 1F1B, or the
 interleaved schedule under virtual pipelining) over this data-parallel rank's
-micro-batches, whose gradients accumulate. Then, in order:
-
-1. ``megalora.sync_lora_grads(chunks)`` sums the TP-partial gradients of the
-   replicated LoRA factors (one all-reduce per TP group); grads of
-   ``sequence_parallel`` params (norms in ``modules_to_save``) are summed over
-   TP. This is what megatron-core's ``finalize_model_grads`` does for a model
-   wrapped in its DDP; this loop keeps plain ``.grad`` tensors instead, so it
-   needs neither DDP buffers nor a CUDA device.
-2. The gradients are averaged over the data-parallel group.
-3. The global grad norm counts each TP-replicated parameter once
-   (:func:`megalora.distributed.grad_norm_fp32`) and clips all grads by it.
-4. The LR for the step is set from the schedule, and AdamW (or SGD) steps.
+micro-batches on the DDP-wrapped chunks (:mod:`.optim`); their gradients
+accumulate in DDP's fp32 buffers. At the end of the schedule megatron-core's
+``finalize_model_grads`` averages them over data parallelism (all-reduce, or
+reduce-scatter under the distributed optimizer), sums the TP-partial grads of
+the replicated LoRA factors and of ``sequence_parallel`` params. Then the
+LR is set from the schedule and the Megatron optimizer clips by the global
+norm (each TP-replicated param counted once) and steps.
 
 The loss of every micro-batch is the sum of its answer-token losses divided
 by the answer tokens of the whole *global* batch (times the factors Megatron's
@@ -23,7 +18,6 @@ the same at every layout.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -34,6 +28,7 @@ import torch.distributed as dist
 from .. import distributed as D
 from ..data import Batch
 from .config import TrainSection
+from .optim import optimizer_step, zero_grads
 
 
 @dataclass
@@ -55,26 +50,11 @@ def lr_at(step: int, t: TrainSection) -> float:
     return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def trainable_params(chunks: list) -> list[torch.nn.Parameter]:
-    """LoRA (and modules_to_save) params, in one fixed order on every rank of a stage."""
-    return [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
-
-
-def make_optimizer(chunks: list, t: TrainSection) -> torch.optim.Optimizer:
-    """``train.optimizer`` over the trainable params only; the base model is frozen and never seen."""
-    params = trainable_params(chunks)
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.0, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                             weight_decay=t.weight_decay)
-
-
 def _groups():
     from megatron.core import parallel_state as ps
 
-    return dict(tp=ps.get_tensor_model_parallel_group(), dp=ps.get_data_parallel_group(),
-                pp=ps.get_pipeline_model_parallel_group(), mp=ps.get_model_parallel_group(),
-                tp_rank=ps.get_tensor_model_parallel_rank(), last=ps.is_pipeline_last_stage())
+    return dict(dp=ps.get_data_parallel_group(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                last=ps.is_pipeline_last_stage())
 
 
 def _forward_step(scale: float):
@@ -116,46 +96,26 @@ def run_schedule(chunks: list, batches: list[Batch], seq_length: int, forward_on
     return float(totals[0]), float(totals[1])
 
 
-def clip_grads(params: list[torch.nn.Parameter], max_norm: float, total_norm: float) -> None:
-    """Scale every grad by ``max_norm / total_norm`` when the norm is above ``max_norm`` (local)."""
-    coeff = max_norm / (total_norm + 1e-6)
-    if max_norm > 0 and coeff < 1.0:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coeff)
-
-
-def train_step(chunks: list, optimizer: torch.optim.Optimizer, batches: list[Batch], global_tokens: int,
-               step: int, t: TrainSection, seq_length: int,
-               on_grads: Optional[Callable[[], None]] = None) -> StepResult:
+def train_step(model: list, optimizer, batches: list[Batch], global_tokens: int, step: int, t: TrainSection,
+               seq_length: int, on_grads: Optional[Callable[[], None]] = None) -> StepResult:
     """One optimizer step over this rank's micro-batches (see the module docstring).
 
-    ``on_grads`` (collective, if given) is called once the gradients are
-    synced and averaged, before clipping: they then mean the same at every layout.
+    ``model`` holds the DDP-wrapped chunks, ``optimizer`` the Megatron
+    optimizer over them (:mod:`.optim`). ``on_grads`` (collective, if given)
+    is called once the gradients are finalized, before clipping: they then
+    mean the same at every layout.
     """
-    from .. import sync_lora_grads
-
-    groups = _groups()
-    for chunk in chunks:
+    for chunk in model:
         chunk.train()
-    optimizer.zero_grad(set_to_none=True)
-    dp = D.group_size(groups["dp"])
+    zero_grads(model, optimizer)
+    dp = D.group_size(_groups()["dp"])
     # Megatron divides each micro-batch loss by their count; the DP average divides by dp.
     scale = len(batches) * dp / max(global_tokens, 1)
-    loss_sum, tokens = run_schedule(chunks, batches, seq_length, forward_only=False, scale=scale)
-
-    params = trainable_params(chunks)
-    sync_lora_grads(chunks)
-    D.all_reduce_grads([p for p in params if getattr(p, "sequence_parallel", False)], groups["tp"])
-    D.all_reduce_grads(params, groups["dp"], average=True)
+    loss_sum, tokens = run_schedule(model, batches, seq_length, forward_only=False, scale=scale)
     if on_grads is not None:
         on_grads()
-    norm = D.grad_norm_fp32(params, groups["tp"], groups["mp"])
-    clip_grads(params, t.clip_grad, norm)
     lr = lr_at(step, t)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
+    norm = optimizer_step(optimizer, lr, t.clip_grad)
     return StepResult(loss_sum / max(tokens, 1.0), int(tokens), norm, lr)
 
 
@@ -171,13 +131,3 @@ def evaluate(chunks: list, batches: list[Batch], seq_length: int) -> float:
         for chunk, mode in zip(chunks, modes):
             chunk.train(mode)
     return loss_sum / max(tokens, 1.0)
-
-
-@contextlib.contextmanager
-def adapters_disabled(peft_model: Optional[object]):
-    """The base model alone inside the block (a no-op without adapters)."""
-    if peft_model is None:
-        yield
-        return
-    with peft_model.disable_adapter():
-        yield

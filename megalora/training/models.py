@@ -27,7 +27,8 @@ _UNFUSED = dict(bias_activation_fusion=False, bias_dropout_fusion=False, masked_
 
 
 def dtype_of(cfg: JobConfig) -> torch.dtype:
-    return _DTYPES[cfg.model.dtype]
+    """The base model's params dtype: bf16 under ``train.bf16`` (Megatron-LM's ``--bf16``), else ``model.dtype``."""
+    return torch.bfloat16 if cfg.train.bf16 else _DTYPES[cfg.model.dtype]
 
 
 def padded_vocab_size(vocab: int, cfg: JobConfig) -> int:

@@ -37,7 +37,10 @@ def gathered_grads(peft_model, adapter: str = "default") -> Optional[dict[str, t
 
     state = {}
     for key, tensor, spec, group in _adapter_entries(peft_model, adapter):
-        grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+        # Under megatron-core's DDP the finalized gradient is the param's main_grad (fp32).
+        grad = getattr(tensor, "main_grad", None)
+        grad = grad if grad is not None else tensor.grad
+        grad = grad if grad is not None else torch.zeros_like(tensor)
         state[key] = D.gather_full(grad.detach().float(), spec, group).to("cpu", copy=True).contiguous()
     merged, problem = _gather_stages(state)
     D.agree_or_raise(problem)

@@ -4,8 +4,10 @@ Layout of ``<dir>/step_000042/``:
 
 * ``adapter/``: the adapter in PEFT's format (``save_pretrained``: full tensors,
   global names), loadable at any layout and by HF PEFT after export.
-* ``rank_00003.pt``: this rank's AdamW state (its shards' moments), and its
-  RNG states: Python, NumPy, torch CPU (and CUDA), and Megatron's
+* ``rank_00003.pt``: this rank's optimizer state (its TP/PP shards' moments
+  and fp32 master weights; under ``train.distributed_optimizer`` only this
+  DP rank's shard of them, see :func:`megalora.training.optim.optimizer_state`),
+  and its RNG states: Python, NumPy, torch CPU (and CUDA), and Megatron's
   model-parallel RNG tracker. Read back with ``weights_only=True``.
 * ``trainer.json``: the step, the samples consumed, the layout, and the
   loss history (for the final plot).
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as D
+from .optim import load_optimizer_state, optimizer_state
 
 LATEST = "latest"
 
@@ -81,11 +84,11 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:06d}")
 
 
-def save(root: str, peft_model, optimizer: torch.optim.Optimizer, step: int, meta: dict) -> str:
+def save(root: str, peft_model, optimizer, step: int, meta: dict) -> str:
     """Collective: write the checkpoint after ``step`` completed steps; returns its directory."""
     path = step_dir(root, step)
     peft_model.save_pretrained(os.path.join(path, "adapter"))
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "step": step},
+    torch.save({"optimizer": optimizer_state(optimizer), "rng": rng_state(), "step": step},
                os.path.join(path, f"rank_{_rank():05d}.pt"))
     _barrier()
     if _rank() == 0:
@@ -120,7 +123,7 @@ def resolve(resume: Optional[str], root: str) -> Optional[str]:
                             "give a checkpoint directory, 'auto', or null")
 
 
-def load(path: str, peft_model, optimizer: torch.optim.Optimizer, layout: dict) -> dict:
+def load(path: str, peft_model, optimizer, layout: dict) -> dict:
     """Collective: restore adapter, optimizer and RNG states from ``path``; returns ``trainer.json``.
 
     Raises:
@@ -133,10 +136,10 @@ def load(path: str, peft_model, optimizer: torch.optim.Optimizer, layout: dict) 
     saved = meta.get("layout", {})
     D.agree_or_raise(None if saved == layout else (
         f"train.resume: {path} was written at layout {saved}, this job runs at {layout}; the optimizer state is "
-        "per shard, so resume at the same parallel.* and world size (the adapter in its adapter/ folder loads "
+        "per shard, so resume with the same parallel.*, world size, train.distributed_optimizer and train.bf16 (the adapter in its adapter/ folder loads "
         "at any layout)"))
     load_adapter_weights(peft_model, os.path.join(path, "adapter"), "default")
     blob = torch.load(os.path.join(path, f"rank_{_rank():05d}.pt"), weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    load_optimizer_state(optimizer, blob["optimizer"])
     set_rng_state(blob["rng"])
     return meta
