@@ -33,12 +33,12 @@ import torch
 
 from .. import distributed as D
 from .. import lora_math
-from ..checkpoint import PREFIX, adapter_state_dict, read_adapter_tensors, write_adapter
+from ..checkpoint import PREFIX, adapter_state_dict, gather_stages, read_adapter_tensors, write_adapter
 from ..config import LoraConfig
 from ..layers import LoraLayer
 from ..targeting import global_module_names, pattern_value
 from .arch import MCORE_LAYER_PREFIX, Arch, arch_from_hf, layer_suffix
-from .export import find_hf_config, gather_stages, model_chunks
+from .export import find_hf_config, model_chunks
 
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
 
@@ -200,12 +200,11 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
     if config.modules_to_save:
         problem = "exporting modules_to_save to HF PEFT is not supported; train an adapter without modules_to_save"
     D.agree_or_raise(problem)
-    state = gather_stages(adapter_state_dict(peft_model, adapter_name))
+    state, error = gather_stages(adapter_state_dict(peft_model, adapter_name))
     ranks = {}
     for part in D.all_gather_objects(_local_ranks(peft_model, adapter_name)):
         ranks.update(part)
-    error = None
-    if state is not None:
+    if state is not None and error is None:
         try:
             hf_state, hf_ranks = hf_adapter_from_mcore(arch, state, ranks, config, compact)
             fields = describe_targets(hf_ranks, arch.linear_hf_modules(), arch.hf_layer_prefix)
