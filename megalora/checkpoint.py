@@ -73,7 +73,7 @@ def adapter_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _gather_stages(state: dict) -> tuple[Optional[dict], Optional[str]]:
+def gather_stages(state: dict) -> tuple[Optional[dict], Optional[str]]:
     """Collective: every stage's tensors merged on global rank 0.
 
     Returns:
@@ -195,7 +195,7 @@ def save_adapters(
         raise ValueError(f"save_directory {save_directory!r} is a file; give a directory path")
     error = None
     for adapter in adapters:
-        state, problem = _gather_stages(adapter_state_dict(peft_model, adapter))
+        state, problem = gather_stages(adapter_state_dict(peft_model, adapter))
         error = error or problem
         if state is None or error:
             continue

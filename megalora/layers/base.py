@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as D
+from .. import lora_math
 
 
 class LoraFactor(nn.Linear):
@@ -294,7 +295,7 @@ class LoraLayer(nn.Module):
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling[adapter_name] = lora_math.scaling(lora_alpha, r, use_rslora)
         self.lora_bias[adapter_name] = bool(lora_bias)
         self.use_dora[adapter_name] = bool(use_dora)
         if use_dora:
@@ -344,13 +345,7 @@ class LoraLayer(nn.Module):
         The local product already is this rank's shard of the full ΔW, for
         column (B sharded) and row (A sharded) layers alike: no communication.
         """
-        a = self.lora_A[adapter].weight
-        b = self.lora_B[adapter].weight
-        dtype = b.dtype
-        if b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-            # CPU half-precision matmuls are slow and lossy; merge in fp32.
-            return ((b.float() @ a.float()) * self.scaling[adapter]).to(dtype)
-        return (b @ a) * self.scaling[adapter]
+        return lora_math.delta_weight(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW in the base weight's own layout (transposed for ``fan_in_fan_out``)."""
@@ -361,11 +356,11 @@ class LoraLayer(nn.Module):
 
     def _row_norm(self, weight_oi: torch.Tensor) -> torch.Tensor:
         """Per-output-row L2 norm of a ``[out_local, in_local]`` weight, over the full input."""
-        norm_sq = weight_oi.float().pow(2).sum(dim=1)
-        return self._reduce_row_norm_sq(norm_sq).sqrt().to(weight_oi.dtype)
+        return lora_math.row_norm(weight_oi, self._reduce_row_norm_sq)
 
-    def _dora_factor(self, adapter: str, norm: torch.Tensor) -> torch.Tensor:
-        return (self.lora_magnitude_vector[adapter].weight / norm).view(-1, 1)
+    def _magnitude(self, adapter: str) -> Optional[torch.Tensor]:
+        """DoRA's magnitude vector of ``adapter``, ``None`` for plain LoRA."""
+        return self.lora_magnitude_vector[adapter].weight if self.use_dora.get(adapter) else None
 
     def _unmerged_weight_oi(self) -> torch.Tensor:
         """The base weight with every merged adapter taken out (a copy if any are merged).
@@ -382,10 +377,9 @@ class LoraLayer(nn.Module):
         return weight
 
     def _unmerge_math(self, weight_oi: torch.Tensor, adapter: str) -> torch.Tensor:
-        delta = self._delta_oi(adapter).to(weight_oi.dtype)
-        if self.use_dora.get(adapter):
-            return weight_oi / self._dora_factor(adapter, self._merged_norms[adapter]) - delta
-        return weight_oi - delta
+        return lora_math.unmerged_weight(
+            weight_oi, self._delta_oi(adapter), self._magnitude(adapter), self._merged_norms.get(adapter)
+        )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
         """Add the adapters' ΔW to the local base weight shard.
@@ -399,21 +393,19 @@ class LoraLayer(nn.Module):
         base = self.get_base_layer()
         for adapter in names:
             with torch.no_grad():
-                weight = self.base_weight_oi()
-                delta = self._delta_oi(adapter).to(weight.dtype)
-                norm = None
-                if self.use_dora[adapter]:
-                    norm = self._row_norm(self._unmerged_weight_oi() + delta).detach()
-                    new_weight = self._dora_factor(adapter, norm).to(weight.dtype) * (weight + delta)
-                else:
-                    new_weight = weight + delta
+                magnitude = self._magnitude(adapter)
+                new_weight, norm = lora_math.merged_weight(
+                    self.base_weight_oi(), self._delta_oi(adapter), magnitude,
+                    pristine=None if magnitude is None else self._unmerged_weight_oi(),
+                    reduce=self._reduce_row_norm_sq,
+                )
                 new_bias = None
                 if self.lora_bias[adapter]:
                     if getattr(base, "bias", None) is None:
                         raise RuntimeError(
                             f"cannot merge adapter {adapter!r}: lora_bias=True but the base layer has no bias"
                         )
-                    new_bias = base.bias + self.lora_B[adapter].bias * self.scaling[adapter]
+                    new_bias = lora_math.merged_bias(base.bias, self.lora_B[adapter].bias, self.scaling[adapter])
                 if safe_merge and not (
                     torch.isfinite(new_weight).all() and (new_bias is None or torch.isfinite(new_bias).all())
                 ):
