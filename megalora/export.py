@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from . import distributed as D
 from . import lora_math
 from .checkpoint import _version
-from .layers import LoraLayer
+from .layers import LoraLayer, gated_chunks
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .shard_files import DTYPES, Planned, ShardWriter, parse_size
 from .targeting import ModelChunks, global_module_names
@@ -86,14 +86,15 @@ def _gather(layer: LoraLayer, tensor: torch.Tensor, spec: D.ShardSpec) -> Option
 
 
 def _gather_adapter(layer: LoraLayer, adapter: str, norms: bool = False) -> Optional[dict]:
-    """Full A, B (and DoRA magnitude / merged norm) of one adapter on the TP group's rank 0."""
-    out = {"a": _gather(layer, layer.lora_A[adapter].weight, layer.a_spec),
-           "b": _gather(layer, layer.lora_B[adapter].weight, layer.b_spec),
+    """Full A, B (and DoRA magnitude / merged norm) of one adapter on the TP group's rank 0, from its table."""
+    table = {e.role: e for e in layer.tensors(adapter)}
+    out = {"a": _gather(layer, table["A"].param, table["A"].spec),
+           "b": _gather(layer, table["B"].param, table["B"].spec),
            "scale": layer.scaling[adapter], "magnitude": None, "norm": None}
-    if layer.use_dora.get(adapter):
-        out["magnitude"] = _gather(layer, layer.lora_magnitude_vector[adapter].weight, layer.magnitude_spec)
+    if "magnitude" in table:
+        out["magnitude"] = _gather(layer, table["magnitude"].param, table["magnitude"].spec)
         if norms:
-            out["norm"] = _gather(layer, layer._merged_norms[adapter], layer.magnitude_spec)
+            out["norm"] = _gather(layer, layer._merged_norms[adapter], table["magnitude"].spec)
     return out if out["a"] is not None else None
 
 
@@ -109,7 +110,7 @@ def _merged_weight(layer: LoraLayer, adapters: list[str], spec: D.ShardSpec) -> 
     """
     weight = _gather(layer, layer.base_weight_oi(), spec)
     factors = [_gather_adapter(layer, a) for a in adapters]
-    needs_pristine = layer.merged_adapters and any(layer.use_dora[a] for a in adapters)
+    needs_pristine = layer.merged_adapters and any(not layer.lora_variant[a].fusable for a in adapters)
     merged = [_gather_adapter(layer, a, norms=True) for a in layer.merged_adapters] if needs_pristine else []
     if weight is None:
         return None
@@ -123,8 +124,7 @@ def _merged_weight(layer: LoraLayer, adapters: list[str], spec: D.ShardSpec) -> 
 
 def _merged_bias(layer: LoraLayer, adapters: list[str], spec: D.ShardSpec) -> Optional[torch.Tensor]:
     bias = _gather(layer, layer.get_base_layer().bias, spec)
-    b_spec = layer.b_spec if layer.b_spec.dim == 0 else D.FULL
-    extra = [(a, _gather(layer, layer.lora_B[a].bias, b_spec)) for a in adapters if layer.lora_bias.get(a)]
+    extra = [(a, _gather(layer, e.param, e.spec)) for a in adapters for e in layer.tensors(a) if e.role == "B_bias"]
     if bias is None:
         return None
     for adapter, lora_bias in extra:
@@ -140,27 +140,22 @@ def _is_tied_copy(param: torch.Tensor) -> bool:
     return bool(getattr(param, "shared", False) and getattr(param, "shared_embedding", False))
 
 
-def _param_entries(params, prefix: str, gated: bool, group, dtype) -> list[_Entry]:
+def _param_entries(params, prefix: str, chunks: int, group, dtype) -> list[_Entry]:
     """Entries for ``(name, param)`` pairs that are exported as they are, gathered across TP."""
     out = []
     for pname, param in params:
         if _is_tied_copy(param):
             continue
-        spec = D.param_shard_spec(param, 2 if gated else 1)
+        spec = D.param_shard_spec(param, chunks)
         out.append(_Entry(f"{prefix}{pname}", _full_shape(param, spec, group), dtype or param.dtype,
                           lambda p=param, s=spec: D.gather_full(p.detach(), s, group, dst=0)))
     return out
 
 
-def _is_gated(module, prefix: str) -> bool:
-    config = getattr(module, "config", None)
-    return prefix.endswith("linear_fc1.") and bool(getattr(config, "gated_linear_unit", False))
-
-
 def _lora_entries(layer: LoraLayer, prefix: str, adapters, dtype, problems: list) -> list[_Entry]:
     base = layer.get_base_layer()
     todo = [a for a in adapters if a in layer.lora_A and a not in layer.merged_adapters]
-    chunks = layer.b_spec.chunks
+    chunks = layer.out_chunks
     out = []
     for pname, param in base.named_parameters(recurse=False):
         spec = D.param_shard_spec(param, chunks)
@@ -177,7 +172,7 @@ def _lora_entries(layer: LoraLayer, prefix: str, adapters, dtype, problems: list
             shape = _full_shape(param, spec, layer.tp_group)
             make = lambda s=spec: _merged_bias(layer, todo, s)  # noqa: E731
         else:
-            out.extend(_param_entries([(pname, param)], prefix, chunks == 2, layer.tp_group, dtype))
+            out.extend(_param_entries([(pname, param)], prefix, chunks, layer.tp_group, dtype))
             continue
         out.append(_Entry(key, shape, dtype or param.dtype, make))
     if any(layer.lora_bias.get(a) for a in todo) and getattr(base, "bias", None) is None:
@@ -209,10 +204,11 @@ def _local_entries(model: nn.Module, adapters: list[str], dtype, problems: list)
             for sub_name, sub in module.named_modules():
                 sub_prefix = f"{prefix}{sub_name}." if sub_name else prefix
                 params = sub.named_parameters(recurse=False)
-                entries.extend(_param_entries(params, sub_prefix, _is_gated(sub, sub_prefix), tp_group, dtype))
+                chunks = gated_chunks(sub, sub_prefix[:-1])
+                entries.extend(_param_entries(params, sub_prefix, chunks, tp_group, dtype))
             continue
         params = module.named_parameters(recurse=False)
-        entries.extend(_param_entries(params, prefix, _is_gated(module, prefix), tp_group, dtype))
+        entries.extend(_param_entries(params, prefix, gated_chunks(module, gname), tp_group, dtype))
     return sorted(entries, key=lambda e: _natural(e.key))
 
 
