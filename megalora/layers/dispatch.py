@@ -127,7 +127,7 @@ _BUILTIN: list[_Entry] = [
 _USER: list[_Entry] = []
 
 
-def register_lora_layer(predicate: Predicate, factory: Factory, first: bool = True) -> None:
+def register_lora_layer(predicate: Predicate, factory: Factory, first: bool = True) -> Callable[[], None]:
     """Teach megalora to put LoRA on a module type of your own.
 
     Args:
@@ -141,6 +141,9 @@ def register_lora_layer(predicate: Predicate, factory: Factory, first: bool = Tr
         first: Ahead of every registered and built-in entry (default), so it
             wins over the built-in entry of a base class; ``False`` appends it
             after the other registered entries, still ahead of the built-ins.
+
+    Returns:
+        A function that removes this entry again.
     """
     if not callable(predicate) or not callable(factory):
         raise TypeError("register_lora_layer(predicate, factory): both must be callables")
@@ -149,6 +152,12 @@ def register_lora_layer(predicate: Predicate, factory: Factory, first: bool = Tr
         _USER.insert(0, entry)
     else:
         _USER.append(entry)
+
+    def remove() -> None:
+        if entry in _USER:
+            _USER.remove(entry)
+
+    return remove
 
 
 def _entries() -> list[_Entry]:
