@@ -7,7 +7,6 @@ keys read ``base_model.model.<path>.lora_A.<adapter>.weight`` as in PEFT.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Optional, Sequence
 

@@ -31,12 +31,14 @@ from torch import nn
 
 from .. import distributed as D
 from .. import lora_math
+from .face import BaseLayerFace
 from .init import LoraFactor, LoraMagnitude, draw_full_factors, init_generator  # noqa: F401 (re-exported)
 from .tensors import AdapterTensor
 from .variants import LoraVariant, resolve_variant
+from .weights import LoraWeights
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(LoraWeights, BaseLayerFace):
     """Base class of every megalora LoRA layer.
 
     Subclasses set ``a_spec``, ``b_spec`` and ``tp_group``, and implement
@@ -87,42 +89,6 @@ class LoraLayer(nn.Module):
         # What a variant's unmerge needs of a merged adapter (DoRA's weight norm).
         self._merged_norms: dict[str, torch.Tensor] = {}
         self.register_load_state_dict_pre_hook(self._load_base_keys)
-
-    # ------------------------------------------------------------------ the base layer's face
-
-    # Attributes megatron-core writes on a layer it built (GPTModel switches the output
-    # layer's sequence_parallel off and on for inference): they belong to the base layer.
-    _BASE_LAYER_WRITES = frozenset({"sequence_parallel"})
-
-    def __getattr__(self, name: str) -> Any:
-        # As PEFT's BaseTunerLayer: code that reads an attribute of the layer it built
-        # (megatron-core reads ``output_layer.weight``, ``.sequence_parallel``, ``.config``)
-        # finds the base layer's.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer" or name.startswith("__"):
-                raise
-            return getattr(self.base_layer, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in self._BASE_LAYER_WRITES and "base_layer" in self._modules:
-            setattr(self.base_layer, name, value)
-        else:
-            super().__setattr__(name, value)
-
-    @staticmethod
-    def _load_base_keys(module, state_dict, prefix, *_args) -> None:
-        """Load hook: a key of the unwrapped layer (``<prefix>weight``) goes to ``base_layer``.
-
-        Distributed checkpoints (and base-model state dicts) name the base tensors as
-        the unwrapped layer did; see the parallel variants' ``sharded_state_dict``.
-        """
-        own = set(module._modules) | set(module._parameters) | set(module._buffers)
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rest = key[len(prefix):]
-            if rest.split(".", 1)[0] not in own:
-                state_dict[f"{prefix}base_layer.{rest}"] = state_dict.pop(key)
 
     # ------------------------------------------------------------------ variant hooks
 
@@ -313,91 +279,6 @@ class LoraLayer(nn.Module):
                 remaining = [next(iter(self.lora_A))]
             self.set_adapter(remaining)
 
-    # ------------------------------------------------------------------ weights
-
-    def _delta_oi(self, adapter: str) -> torch.Tensor:
-        """The local ΔW = scale · B @ A in ``[out_local, in_local]`` layout.
-
-        The local product already is this rank's shard of the full ΔW, for
-        column (B sharded) and row (A sharded) layers alike: no communication.
-        """
-        return lora_math.delta_weight(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])
-
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """ΔW in the base weight's own layout (transposed for ``fan_in_fan_out``)."""
-        return self._to_base_layout(self._delta_oi(adapter))
-
-    def _to_base_layout(self, weight_oi: torch.Tensor) -> torch.Tensor:
-        return weight_oi
-
-    def _row_norm(self, weight_oi: torch.Tensor) -> torch.Tensor:
-        """Per-output-row L2 norm of a ``[out_local, in_local]`` weight, over the full input."""
-        return lora_math.row_norm(weight_oi, self._reduce_row_norm_sq)
-
-    def _unmerged_weight_oi(self) -> torch.Tensor:
-        """The base weight with every merged adapter taken out (a copy if any are merged).
-
-        DoRA's norm is defined on the base weight as forward sees it, so a
-        second DoRA adapter merged on top of a first needs the original weight.
-        """
-        weight = self.base_weight_oi()
-        if not self.merged_adapters:
-            return weight
-        weight = weight.detach().clone()
-        for adapter in reversed(self.merged_adapters):
-            weight = self._unmerge_math(weight, adapter)
-        return weight
-
-    def _unmerge_math(self, weight_oi: torch.Tensor, adapter: str) -> torch.Tensor:
-        return self.lora_variant[adapter].unmerged_weight(self, adapter, weight_oi, self._merged_norms.get(adapter))
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
-        """Add the adapters' ΔW to the local base weight shard.
-
-        Args:
-            safe_merge: Compute on a copy and refuse to write non-finite values.
-            adapter_names: Adapters to merge; the active ones when ``None``.
-        """
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        names = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
-        base = self.get_base_layer()
-        for adapter in names:
-            with torch.no_grad():
-                new_weight, norm = self.lora_variant[adapter].merged_weight(self, adapter, self.base_weight_oi())
-                new_bias = None
-                if self.lora_bias[adapter]:
-                    if getattr(base, "bias", None) is None:
-                        raise RuntimeError(
-                            f"cannot merge adapter {adapter!r}: lora_bias=True but the base layer has no bias"
-                        )
-                    new_bias = lora_math.merged_bias(base.bias, self.lora_B[adapter].bias, self.scaling[adapter])
-                if safe_merge and not (
-                    torch.isfinite(new_weight).all() and (new_bias is None or torch.isfinite(new_bias).all())
-                ):
-                    raise ValueError(
-                        f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
-                    )
-                self._set_base_weight_oi(new_weight)
-                if new_bias is not None:
-                    base.bias.data.copy_(new_bias)
-            if norm is not None:
-                self._merged_norms[adapter] = norm
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        """Take every merged adapter back out of the base weight, last merged first."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        base = self.get_base_layer()
-        with torch.no_grad():
-            while self.merged_adapters:
-                adapter = self.merged_adapters.pop()
-                self._set_base_weight_oi(self._unmerge_math(self.base_weight_oi(), adapter))
-                self._merged_norms.pop(adapter, None)
-                if self.lora_bias[adapter]:
-                    base.bias.data -= self.lora_B[adapter].bias * self.scaling[adapter]
-
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
@@ -427,11 +308,7 @@ class LoraLayer(nn.Module):
         the scale and the add run in place on the fresh ``B(A(x))`` (and on
         ``result`` when the caller owns it) to spare output-sized allocations.
         """
-        a = self._factor_weight(self.lora_A[adapter], self.a_spec)
-        b_mod = self.lora_B[adapter]
-        b = self._factor_weight(b_mod, self.b_spec)
-        bias = None if self.b_output_is_partial else b_mod.bias
-        lora = F.linear(F.linear(x, a), b, bias)
+        lora = self._lora_out(adapter, x)
         if lora.dtype != result.dtype:  # e.g. fp32 LoRA on a bf16 base: keep PEFT's type promotion
             return result + lora * scaling
         lora = lora.mul_(scaling)
