@@ -8,6 +8,7 @@ from .config import LoraConfig
 from .model import LoraModel, PeftModel, get_peft_model
 from .runtime import init_distributed, init_parallel
 from .export import export_merged
+from .layers import register_lora_layer
 
 
 def sync_lora_grads(model) -> int:
@@ -38,6 +39,7 @@ __all__ = [
     "PeftModel",
     "get_peft_model",
     "export_merged",
+    "register_lora_layer",
     "init_distributed",
     "init_parallel",
     "sync_lora_grads",

@@ -1,10 +1,12 @@
 """Which tensors make up an adapter on disk, under which PEFT key, sharded how.
 
-One place for the rule: LoRA factors by their layer's
-:class:`~megalora.distributed.ShardSpec`, ``modules_to_save`` copies and the
-model biases that ``bias="all"`` / ``"lora_only"`` save by megatron-core's own
-TP attributes (:func:`~megalora.distributed.param_shard_spec`). Keys are PEFT's,
-on global module names.
+LoRA tensors and ``modules_to_save`` copies come from their module's table
+(:meth:`LoraLayer.tensors <megalora.layers.base.LoraLayer.tensors>`,
+:meth:`ModulesToSaveWrapper.tensors
+<megalora.layers.modules_to_save.ModulesToSaveWrapper.tensors>`); the model
+biases that ``bias="all"`` / ``"lora_only"`` save are split by megatron-core's
+own TP attributes (:func:`~megalora.layers.tensors.model_tensor_spec`). Keys are
+PEFT's, on global module names.
 """
 
 from __future__ import annotations
@@ -15,44 +17,10 @@ import torch
 
 from . import distributed as D
 from .layers import LoraLayer
+from .layers.tensors import model_tensor_spec
 from .targeting import global_module_names
 
 PREFIX = "base_model.model."
-
-
-def _fc1_chunks(module, global_name: str) -> int:
-    """2 for a gated ``linear_fc1`` (or a module inside it: its base layer, a saved copy), else 1.
-
-    Rank ``k`` of a gated fc1 holds ``[gate_k; up_k]``, so its dim-0 tensors are
-    two blocks sharded separately (see :class:`~megalora.distributed.ShardSpec`).
-    """
-    config = getattr(module, "config", None)
-    return 2 if "linear_fc1" in global_name.split(".") and bool(getattr(config, "gated_linear_unit", False)) else 1
-
-
-def _base_tensor_spec(module, global_name: str, tensor: torch.Tensor) -> D.ShardSpec:
-    """How a model (non-LoRA) tensor is sharded: megatron-core's own TP attributes on it."""
-    return D.param_shard_spec(tensor, _fc1_chunks(module, global_name))
-
-
-def _saved_module_entries(wrapper, adapter: str, global_name: str) -> list[tuple[str, torch.Tensor, D.ShardSpec]]:
-    """``(saved suffix, local tensor, spec)`` for a ``modules_to_save`` copy's parameters."""
-    copy = wrapper.modules_to_save[adapter]
-    return [(pname, p, _base_tensor_spec(copy, global_name, p)) for pname, p in copy.named_parameters()]
-
-
-def _layer_entries(layer: LoraLayer, adapter: str) -> list[tuple[str, torch.Tensor, D.ShardSpec]]:
-    """``(saved suffix, local tensor, spec)`` for each of one adapter's tensors on a layer."""
-    out = [
-        ("lora_A.weight", layer.lora_A[adapter].weight, layer.a_spec),
-        ("lora_B.weight", layer.lora_B[adapter].weight, layer.b_spec),
-    ]
-    bias = layer.lora_B[adapter].bias
-    if bias is not None:
-        out.append(("lora_B.bias", bias, layer.b_spec if layer.b_spec.dim == 0 else D.FULL))
-    if adapter in layer.lora_magnitude_vector:
-        out.append(("lora_magnitude_vector", layer.lora_magnitude_vector[adapter].weight, layer.magnitude_spec))
-    return out
 
 
 def _own_bias(module) -> Optional[torch.Tensor]:
@@ -99,7 +67,7 @@ def _bias_entries(peft_model, adapter: str, names: dict):
             continue
         group = getattr(module, "tp_group", None)
         group = D.model_tp_group() if group is None else group
-        yield PREFIX + _strip_adapter_name(key, adapter), bias, _base_tensor_spec(module, name, bias), group
+        yield PREFIX + _strip_adapter_name(key, adapter), bias, model_tensor_spec(module, name, bias), group
 
 
 def _adapter_entries(peft_model, adapter: str):
@@ -113,15 +81,13 @@ def _adapter_entries(peft_model, adapter: str):
     model = peft_model.base_model.model
     names = global_module_names(model)
     seen = set()
-    for local_name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            for suffix, tensor, spec in _layer_entries(module, adapter):
-                seen.add(f"{PREFIX}{names[local_name]}.{suffix}")
-                yield f"{PREFIX}{names[local_name]}.{suffix}", tensor, spec, module.tp_group
-        elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
-            for suffix, tensor, spec in _saved_module_entries(module, adapter, names[local_name]):
-                seen.add(f"{PREFIX}{names[local_name]}.{suffix}")
-                yield f"{PREFIX}{names[local_name]}.{suffix}", tensor, spec, D.model_tp_group()
+    for module in model.modules():
+        owned = (isinstance(module, LoraLayer) and adapter in module.lora_A) or (
+            isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save)
+        for entry in module.tensors(adapter) if owned else ():
+            key = f"{PREFIX}{entry.global_name}.{entry.saved_key}"
+            seen.add(key)
+            yield key, entry.param, entry.spec, entry.group
     for key, tensor, spec, group in _bias_entries(peft_model, adapter, names):
         if key not in seen:
             seen.add(key)

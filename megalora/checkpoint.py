@@ -73,7 +73,7 @@ def adapter_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _gather_stages(state: dict) -> tuple[Optional[dict], Optional[str]]:
+def gather_stages(state: dict) -> tuple[Optional[dict], Optional[str]]:
     """Collective: every stage's tensors merged on global rank 0.
 
     Returns:
@@ -173,7 +173,6 @@ def save_adapters(
     save_directory: str,
     selected_adapters: Optional[Sequence[str]] = None,
     safe_serialization: bool = True,
-    **_ignored,
 ) -> None:
     """Save adapters in PEFT's layout: ``default`` at the top, others in subfolders.
 
@@ -195,7 +194,7 @@ def save_adapters(
         raise ValueError(f"save_directory {save_directory!r} is a file; give a directory path")
     error = None
     for adapter in adapters:
-        state, problem = _gather_stages(adapter_state_dict(peft_model, adapter))
+        state, problem = gather_stages(adapter_state_dict(peft_model, adapter))
         error = error or problem
         if state is None or error:
             continue
@@ -298,7 +297,7 @@ def load_adapter_weights(peft_model, directory: str, adapter: str) -> None:
             param.copy_(value.to(dtype=param.dtype, device=param.device))
 
 
-def load_adapter(peft_model, model_id: str, adapter_name: str = "default", is_trainable: bool = False, **_ignored):
+def load_adapter(peft_model, model_id: str, adapter_name: str = "default", is_trainable: bool = False):
     """Collective: add a saved adapter to an existing ``PeftModel`` (PEFT's ``load_adapter``).
 
     On any error the half-added adapter is removed again.
@@ -325,7 +324,7 @@ def load_adapter(peft_model, model_id: str, adapter_name: str = "default", is_tr
                 container[adapter_name].requires_grad_(is_trainable)
 
 
-def from_pretrained(cls, model, model_id, adapter_name, is_trainable, config=None, **_ignored):
+def from_pretrained(cls, model, model_id, adapter_name, is_trainable, config=None):
     """Collective: build a ``cls`` (PeftModel) on ``model`` from the adapter saved in ``model_id``.
 
     On a load error the base model's original layers are put back before the

@@ -77,6 +77,7 @@ def merged_weight(
     magnitude: Optional[torch.Tensor] = None,
     pristine: Optional[torch.Tensor] = None,
     reduce: Reduce = _identity,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``W + ΔW``, or DoRA's ``m / ‖W₀ + ΔW‖ · (W + ΔW)``; returns ``(merged, dora_norm)``.
 
@@ -87,6 +88,9 @@ def merged_weight(
         pristine: The base weight with no adapter merged (DoRA's norm is defined
             on it); defaults to ``weight``.
         reduce: Sums per-row squares over a sharded input dimension.
+        inplace: Build the result in ``delta``'s buffer (when it already has
+            ``weight``'s dtype), sparing a weight-sized allocation; the bits
+            are the same, since IEEE ``+`` and ``*`` commute.
 
     Returns:
         The merged weight (a new tensor) and, for DoRA, the norm that
@@ -94,9 +98,10 @@ def merged_weight(
     """
     delta = delta.to(weight.dtype)
     if magnitude is None:
-        return weight + delta, None
+        return (delta.add_(weight) if inplace else weight + delta), None
     norm = row_norm((weight if pristine is None else pristine) + delta, reduce).detach()
-    return dora_scale(magnitude, norm).to(weight.dtype) * (weight + delta), norm
+    scale = dora_scale(magnitude, norm).to(weight.dtype)
+    return (delta.add_(weight).mul_(scale) if inplace else scale * (weight + delta)), norm
 
 
 def unmerged_weight(

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import distributed as D
+from . import lora_math
 from .layers import LoraLayer
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -212,7 +213,7 @@ def _combine_layer(layer, adapters, weights, new_rank, method, opts) -> tuple[to
         # clamp takes PEFT's route (an SVD of the full ΔW) to get LAPACK's signs as PEFT does.
         # The task tensors are in the base weight's layout as in PEFT (transposed for
         # fan_in_fan_out): DARE's masks are drawn in that layout.
-        deltas = [layer._to_base_layout((factors[a][1] @ factors[a][0]) * layer.scaling[a]) for a, _ in present]
+        deltas = [layer._to_base_layout(lora_math.delta_weight(*factors[a], layer.scaling[a])) for a, _ in present]
         base_method = "linear" if method == "svd" else method[: -len("_svd")]
         delta = combine(base_method, deltas, weight_t.to(deltas[0].dtype), opts["density"], opts["majority"])
         delta = layer._to_base_layout(delta)  # back to [out, in]

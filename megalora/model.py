@@ -1,13 +1,12 @@
-"""The PEFT API: ``get_peft_model`` and ``PeftModel``, for plain and Megatron models.
+"""``LoraModel``: LoRA injected into a plain or Megatron model, and its adapters managed.
 
-``PeftModel.base_model`` is a :class:`LoraModel` whose ``model`` is the user's
-model with LoRA layers swapped in, so state-dict keys read
-``base_model.model.<path>.lora_A.<adapter>.weight`` as in PEFT.
+``PeftModel.base_model`` (:mod:`megalora.peft_model`) is a :class:`LoraModel`
+whose ``model`` is the user's model with LoRA layers swapped in, so state-dict
+keys read ``base_model.model.<path>.lora_A.<adapter>.weight`` as in PEFT.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Optional, Sequence
 
@@ -35,6 +34,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _lora_init_seed() -> int:
+    """The default LoRA init seed: the one ``init_parallel`` recorded, else ``torch.initial_seed()``."""
     from . import runtime
 
     return runtime.lora_init_seed()
@@ -50,12 +50,24 @@ def _params_dtype(megatron_config) -> Optional[torch.dtype]:
 
 
 class LoraModel(nn.Module):
-    """Injects LoRA layers into ``model`` and manages them (PEFT's ``LoraModel``)."""
+    """Injects LoRA layers into ``model`` and manages them (PEFT's ``LoraModel``).
+
+    Args:
+        model: The model, or a pipeline stage's list of virtual-pipeline chunks.
+        config: The first adapter's configuration.
+        adapter_name: The first adapter's name.
+        seed: The base seed of every adapter's LoRA init (it must be the same on
+            every rank). ``None``: the seed given to
+            :func:`megalora.init_parallel` (or recorded by the Megatron-LM
+            plug-in), else ``torch.initial_seed()``.
+    """
 
     prefix = "lora_"
 
-    def __init__(self, model: nn.Module | Sequence[nn.Module], config: LoraConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module | Sequence[nn.Module], config: LoraConfig, adapter_name: str = "default",
+                 seed: Optional[int] = None):
         super().__init__()
+        self.seed = int(_lora_init_seed() if seed is None else seed)
         self.model = ModelChunks(model) if isinstance(model, (list, tuple)) else model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
@@ -91,7 +103,8 @@ class LoraModel(nn.Module):
         targets = find_targets(self.model, config, mcore)
         saved, saved_counts = find_saved_modules(self.model, config)
         saved = [(name, module, self._tie_plan(name, config)) for name, module in saved]
-        untied = [global_module_names(self.model)[name] for name, _, plan in saved if plan is not None]
+        names = global_module_names(self.model)
+        untied = [names[name] for name, _, plan in saved if plan is not None]
         # One gather, before anything changes: a config that selects nothing anywhere, or a
         # problem seen on one stage only, fails on every rank together; a stage without
         # matches is fine.
@@ -107,21 +120,9 @@ class LoraModel(nn.Module):
         for target in targets:
             module = target.module
             if not isinstance(module, LoraLayer):
-                module = create_lora_layer(module, target.global_name, config.fan_in_fan_out, mcore)
+                module = create_lora_layer(module, target.global_name, config, mcore)
                 _set_submodule(self.model, target.local_name, module)
-            module.update_layer(
-                adapter_name,
-                target.r,
-                target.alpha,
-                lora_dropout=config.lora_dropout,
-                init_lora_weights=config.init_lora_weights,
-                use_rslora=config.use_rslora,
-                use_dora=config.use_dora,
-                lora_bias=config.lora_bias,
-                seed=_lora_init_seed(),
-                global_name=target.global_name,
-                inference_mode=config.inference_mode,
-            )
+            module.update_layer(adapter_name, config, r=target.r, lora_alpha=target.alpha, seed=self.seed)
             dtype = _params_dtype(config.megatron_config)
             if dtype is not None:
                 for layer_name in module.adapter_layer_names:
@@ -131,7 +132,8 @@ class LoraModel(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name, untie_from)
             else:
-                _set_submodule(self.model, local_name, ModulesToSaveWrapper(module, adapter_name, untie_from))
+                wrapper = ModulesToSaveWrapper(module, adapter_name, untie_from, global_name=names[local_name])
+                _set_submodule(self.model, local_name, wrapper)
         untied = sorted({name for r in reports for name in r[3]})
         if untied and D.group_rank(dist.group.WORLD) == 0:
             logger.warning(untied_message(untied))
@@ -238,7 +240,7 @@ class LoraModel(nn.Module):
 
     def _unload(self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names) -> nn.Module:
         layers = self.lora_layers()
-        show = progressbar and D.group_rank(None) == 0
+        show = progressbar and _global_rank() == 0
         for name, layer in tqdm(layers, desc=f"{'Unloading and merging' if merge else 'Unloading'} model",
                                 disable=not show):
             if merge:
@@ -288,195 +290,10 @@ def _tie_problem(model: nn.Module, targets: list, config: LoraConfig) -> Optiona
     return None
 
 
-class PeftModel(nn.Module):
-    """A model with LoRA adapters, with PEFT's methods.
-
-    Attribute access falls through to the wrapped model, so megatron-core's
-    schedules find ``set_input_tensor`` and ``config`` as on the bare model.
-    """
-
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
-        super().__init__()
-        self.base_model = LoraModel(model, peft_config, adapter_name)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model.model, name)
-
-    def forward(self, *args, **kwargs):
-        if self.base_model.is_chunked:
-            raise TypeError("this PeftModel holds virtual-pipeline chunks: call each chunk (peft_model[i]) instead")
-        return self.base_model.model(*args, **kwargs)
-
-    # Virtual-pipeline chunks: the schedule runs the chunks themselves, which
-    # were adapted in place.
-    def __getitem__(self, index: int) -> nn.Module:
-        return self.base_model.model[index] if self.base_model.is_chunked else [self.base_model.model][index]
-
-    def __len__(self) -> int:
-        return len(self.base_model.model) if self.base_model.is_chunked else 1
-
-    def __iter__(self):
-        return iter(list(self.base_model.model) if self.base_model.is_chunked else [self.base_model.model])
-
-    # ------------------------------------------------------------------ delegation
-
-    @property
-    def peft_config(self) -> dict[str, LoraConfig]:
-        return self.base_model.peft_config
-
-    @property
-    def active_adapter(self):
-        return self.base_model.active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return self.base_model.active_adapters
-
-    def get_base_model(self):
-        """The adapted model, or the list of adapted chunks."""
-        return list(self.base_model.model) if self.base_model.is_chunked else self.base_model.model
-
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
-        """Add a new adapter; the active adapter does not change."""
-        active = self.base_model.active_adapter
-        self.base_model.inject_adapter(adapter_name, peft_config)
-        self.base_model.set_adapter(active)
-
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        self.base_model.set_adapter(adapter_name)
-
-    def enable_adapter_layers(self) -> None:
-        self.base_model.enable_adapter_layers()
-
-    def disable_adapter_layers(self) -> None:
-        self.base_model.disable_adapter_layers()
-
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        """Run the base model alone inside the block."""
-        self.base_model.disable_adapter_layers()
-        try:
-            yield
-        finally:
-            self.base_model.enable_adapter_layers()
-
-    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
-
-    def unmerge_adapter(self) -> None:
-        self.base_model.unmerge_adapter()
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
-        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
-
-    def unload(self) -> nn.Module:
-        return self.base_model.unload()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self.base_model.delete_adapter(adapter_name)
-
-    def add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs) -> None:
-        """PEFT's ``add_weighted_adapter``; see :func:`megalora.merge.add_weighted_adapter`."""
-        from .merge import add_weighted_adapter
-
-        add_weighted_adapter(self.base_model, adapters, weights, adapter_name, **kwargs)
-
-    def sync_lora_grads(self) -> int:
-        """Sum the replicated LoRA factors' partial grads across TP; see :func:`megalora.sync_lora_grads`."""
-        from . import sync_lora_grads
-
-        return sync_lora_grads(self)
-
-    # ------------------------------------------------------------------ counting
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, all)`` parameter counts of the whole model, the same at every layout.
-
-        Collective over megatron-core's model-parallel (TP x PP) group when it
-        is initialized: call it on every rank. A TP-sharded tensor
-        (``tensor_model_parallel``) is counted on every TP rank, so its shards
-        add up to the full tensor; a replicated one on TP rank 0 only; the last
-        pipeline stage's copy of a tied embedding (``shared``) not at all;
-        pipeline stages are summed, data-parallel replicas are not.
-        """
-        from . import distributed as D
-
-        ps = D._parallel_state()
-        tp_rank = ps.get_tensor_model_parallel_rank() if ps is not None else 0
-        trainable = total = 0
-        for _, param in self.named_parameters():
-            if getattr(param, "shared", False):
-                continue
-            if tp_rank != 0 and not getattr(param, "tensor_model_parallel", False):
-                continue
-            total += param.numel()
-            if param.requires_grad:
-                trainable += param.numel()
-        if ps is None:
-            return trainable, total
-        counts = torch.tensor([trainable, total], dtype=torch.int64)
-        D.all_reduce_sum(counts, ps.get_model_parallel_group())
-        return int(counts[0]), int(counts[1])
-
-    def print_trainable_parameters(self) -> None:
-        """Prints the global counts on global rank 0; collective like :meth:`get_nb_trainable_parameters`."""
-        trainable, total = self.get_nb_trainable_parameters()
-        if _global_rank() == 0:
-            print(
-                f"trainable params: {trainable:,d} || all params: {total:,d} || "
-                f"trainable%: {100 * trainable / max(total, 1):.4f}"
-            )
-
-    # ------------------------------------------------------------------ files
-
-    def save_pretrained(self, save_directory: str, selected_adapters: Optional[Sequence[str]] = None, **kwargs) -> None:
-        """Write each adapter in PEFT's format; collective under TP/PP (see :mod:`megalora.checkpoint`)."""
-        from .checkpoint import save_adapters
-
-        save_adapters(self, save_directory, selected_adapters=selected_adapters, **kwargs)
-
-    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
-        from .checkpoint import load_adapter
-
-        return load_adapter(self, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        config: Optional[LoraConfig] = None,
-        **kwargs,
-    ) -> "PeftModel":
-        """Load a saved adapter onto ``model`` (PEFT's ``PeftModel.from_pretrained``)."""
-        from .checkpoint import from_pretrained
-
-        return from_pretrained(cls, model, model_id, adapter_name, is_trainable, config, **kwargs)
-
-
 def _global_rank() -> int:
     """This process's global rank (0 without torch.distributed)."""
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs) -> PeftModel:
-    """Inject LoRA into ``model`` and return it as a :class:`PeftModel`.
-
-    Args:
-        model: A plain PyTorch model, a megatron-core model (one pipeline
-            stage: names are global), or the list of a stage's
-            virtual-pipeline chunks, which are all adapted in place and saved
-            together.
-        peft_config: The LoRA configuration.
-        adapter_name: Name of the first adapter.
-    """
-    return PeftModel(model, peft_config, adapter_name)
+# The PEFT-facing classes live in peft_model.py; imported here for ``megalora.model.PeftModel``.
+from .peft_model import PeftModel, get_peft_model  # noqa: E402,F401

@@ -98,9 +98,8 @@ def perturb_lora(peft_model, seed: int = 3, scale: float = 0.05) -> None:
             if not isinstance(layer, LoraLayer):
                 continue
             for adapter in layer.lora_A:
-                entries = [(layer.lora_B[adapter].weight, layer.b_spec, "B")]
-                if adapter in layer.lora_magnitude_vector:
-                    entries.append((layer.lora_magnitude_vector[adapter].weight, layer.magnitude_spec, "m"))
+                tags = {"B": "B", "magnitude": "m"}
+                entries = [(e.param, e.spec, tags[e.role]) for e in layer.tensors(adapter) if e.role in tags]
                 for param, spec, tag in entries:
                     full_shape = list(param.shape)
                     if spec.sharded:

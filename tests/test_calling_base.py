@@ -45,9 +45,11 @@ def _mlp(tp, sp, variant):
         "calling": (LoraColumnCallingBase, LoraRowCallingBase),
         "fused": (LoraColumnParallelLinear, LoraRowParallelLinear),
     }[variant]
-    fc1, fc2 = column(fc1), row(fc2)
-    for layer, name in ((fc1, "fc1"), (fc2, "fc2")):
-        layer.update_layer("default", R, 8, init_lora_weights=False, lora_bias=True, seed=3, global_name=name)
+    fc1, fc2 = column(fc1, global_name="fc1"), row(fc2, global_name="fc2")
+    lora = megalora.LoraConfig(r=R, lora_alpha=8, init_lora_weights=False, lora_bias=True,
+                               target_modules=["fc1", "fc2"])
+    for layer in (fc1, fc2):
+        layer.update_layer("default", lora, seed=3)
     return fc1, fc2
 
 
@@ -177,6 +179,7 @@ def _single_layer(variant, sp, skip_bias_add, lora_bias):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
 
+    from megalora import LoraConfig
     from megalora import distributed as D
     from megalora.layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
     from megalora.layers.te import LoraColumnCallingBase, LoraRowCallingBase, layernorm_of
@@ -203,13 +206,14 @@ def _single_layer(variant, sp, skip_bias_add, lora_bias):
         base.weight.copy_(_local(0 if column else 1, weight, rank, tp))
         base.bias.copy_(_local(0 if column else None, bias, rank, tp))
     if variant == "layernorm-column-calling":
-        layer = LoraColumnCallingBase(base, input_norm=layernorm_of(base))
+        layer = LoraColumnCallingBase(base, global_name=variant, input_norm=layernorm_of(base))
     else:
         layer = {
             "column-calling": LoraColumnCallingBase, "column-fused": LoraColumnParallelLinear,
             "row-calling": LoraRowCallingBase, "row-fused": LoraRowParallelLinear,
-        }[variant](base)
-    layer.update_layer("default", R, 8, init_lora_weights=False, lora_bias=lora_bias, seed=3, global_name=variant)
+        }[variant](base, global_name=variant)
+    lora = LoraConfig(r=R, lora_alpha=8, init_lora_weights=False, lora_bias=lora_bias, target_modules=[variant])
+    layer.update_layer("default", lora, seed=3)
     b_mod = layer.lora_B["default"]
     if lora_bias:
         # B's bias starts at zero; give it values that a double count or a drop would show.

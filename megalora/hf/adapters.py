@@ -24,7 +24,6 @@ concatenate exactly. Nothing is approximated.
 
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 from collections import Counter
@@ -33,12 +32,13 @@ from typing import Optional
 import torch
 
 from .. import distributed as D
-from ..checkpoint import PREFIX, adapter_state_dict, read_adapter_tensors, write_adapter
+from .. import lora_math
+from ..checkpoint import PREFIX, adapter_state_dict, gather_stages, read_adapter_tensors, write_adapter
 from ..config import LoraConfig
 from ..layers import LoraLayer
 from ..targeting import global_module_names, pattern_value
 from .arch import MCORE_LAYER_PREFIX, Arch, arch_from_hf, layer_suffix
-from .export import find_hf_config, gather_stages, model_chunks
+from .export import find_hf_config, model_chunks
 
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
 
@@ -63,12 +63,9 @@ def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[st
     return out
 
 
-def _scaling(r: int, alpha: float, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-def _alpha_for(scaling: float, r: int, rslora: bool) -> float:
-    alpha = scaling * (math.sqrt(r) if rslora else r)
+def _alpha_for(scale: float, r: int, rslora: bool) -> float:
+    """The ``lora_alpha`` PEFT's config gets: an int where it is whole, as PEFT writes it."""
+    alpha = lora_math.alpha_for_scaling(scale, r, rslora)
     return int(alpha) if float(alpha).is_integer() else alpha
 
 
@@ -127,7 +124,7 @@ def _split_factors(arch: Arch, rule, tensors: dict, r: int, alpha: float, rslora
     """Per HF module: ``(tensors, r, alpha)`` of one fused megatron LoRA."""
     a = tensors["lora_A.weight"]
     split = {s: arch.split(rule, tensors[s]) for s in SUFFIXES[1:] if s in tensors}
-    scaling = _scaling(r, alpha, rslora)
+    scaling = lora_math.scaling(alpha, r, rslora)
     out = []
     for i in range(len(rule.hf)):
         part = {s: v[i].contiguous() for s, v in split.items()}
@@ -203,12 +200,11 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
     if config.modules_to_save:
         problem = "exporting modules_to_save to HF PEFT is not supported; train an adapter without modules_to_save"
     D.agree_or_raise(problem)
-    state = gather_stages(adapter_state_dict(peft_model, adapter_name))
+    state, error = gather_stages(adapter_state_dict(peft_model, adapter_name))
     ranks = {}
     for part in D.all_gather_objects(_local_ranks(peft_model, adapter_name)):
         ranks.update(part)
-    error = None
-    if state is not None:
+    if state is not None and error is None:
         try:
             hf_state, hf_ranks = hf_adapter_from_mcore(arch, state, ranks, config, compact)
             fields = describe_targets(hf_ranks, arch.linear_hf_modules(), arch.hf_layer_prefix)
@@ -235,7 +231,7 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
 def _fuse_adapters(arch: Arch, rule, parts: dict[int, tuple[dict, int, float]], rslora: bool, module: str):
     """One megatron LoRA ``(tensors, r, alpha)`` equal to the HF LoRAs ``parts`` (by position in ``rule.hf``)."""
     first_tensors, first_r, first_alpha = next(iter(parts.values()))
-    scale = _scaling(first_r, first_alpha, rslora)
+    scale = lora_math.scaling(first_alpha, first_r, rslora)
     if len(rule.hf) == 1:
         fused = {s: arch.fuse(rule, [t]) if s != "lora_A.weight" else t for s, t in first_tensors.items()}
         return fused, first_r, first_alpha
@@ -247,7 +243,7 @@ def _fuse_adapters(arch: Arch, rule, parts: dict[int, tuple[dict, int, float]], 
         rows = list(arch.qkv_rows)
     else:  # "cat": equal blocks ([gate; up])
         rows = [first_tensors["lora_B.weight"].shape[0]] * len(rule.hf)
-    scales = {i: _scaling(r, alpha, rslora) for i, (_, r, alpha) in parts.items()}
+    scales = {i: lora_math.scaling(alpha, r, rslora) for i, (_, r, alpha) in parts.items()}
     shared = all(torch.equal(t["lora_A.weight"], first_tensors["lora_A.weight"]) for t, _, _ in parts.values()) \
         and len(set(scales.values())) == 1
     if shared:

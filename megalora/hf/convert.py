@@ -13,7 +13,7 @@ only what it holds.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -63,51 +63,68 @@ def mcore_state_from_hf(arch: Arch, hf_state: Mapping[str, torch.Tensor], names=
     return {name: mcore_tensor_from_hf(arch, name, hf_state.__getitem__) for name in names}
 
 
-def hf_tensors_from_mcore(arch: Arch, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The HF tensors that the full megatron tensor ``name`` holds.
+def hf_parts_from_mcore(arch: Arch, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """``(HF name, tensor)`` of every HF tensor the full megatron tensor ``name`` holds, as views where possible.
+
+    Works on ``meta`` tensors too (the shapes of an export are planned that
+    way). A bias megatron has but HF's architecture lacks gives none.
+    """
+    module, leaf = _split_name(name)
+    _, hprefix, rule = arch.rule_for_mcore(module)
+    if leaf == "bias" and not rule.hf_bias:
+        return []
+    parts = arch.split(rule, tensor)
+    if rule.conv1d and leaf == "weight":
+        parts = [p.t() for p in parts]
+    return [(f"{hprefix}{hf}.{leaf}", p) for hf, p in zip(rule.hf, parts)]
+
+
+def hf_tensors_from_mcore(arch: Arch, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """:func:`hf_parts_from_mcore`, checked: a bias HF lacks must be zero.
 
     Raises:
         ValueError: If a bias that HF's architecture lacks is not zero (an
             adapter with ``lora_bias`` was merged into it, say).
     """
     module, leaf = _split_name(name)
-    _, hprefix, rule = arch.rule_for_mcore(module)
-    if leaf == "bias" and not rule.hf_bias:
-        if tensor.count_nonzero().item():
-            raise ValueError(
-                f"{name} is not zero, but the HF {arch.model_type} model has no bias there; "
-                "it cannot be exported (was an adapter with lora_bias merged into it?)"
-            )
-        return {}
-    parts = arch.split(rule, tensor)
-    if rule.conv1d and leaf == "weight":
-        parts = [p.t() for p in parts]
-    return {f"{hprefix}{hf}.{leaf}": p.contiguous() for hf, p in zip(rule.hf, parts)}
-
-
-def hf_state_from_mcore(arch: Arch, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An HF state dict from full megatron tensors (the keys of ``model.state_dict()``).
-
-    A tied model's ``lm_head.weight`` is the embedding tensor itself, as in
-    transformers' own state dict. Megatron's copy of it on the last pipeline
-    stage is not read.
-
-    Raises:
-        KeyError: If a tensor of the model is missing from ``state``.
-    """
-    missing = [n for n in arch.mcore_param_names() if n not in state]
-    if missing:
-        raise KeyError(
-            f"{len(missing)} megatron tensor(s) missing for the HF export, e.g. {missing[:3]}: "
-            "pass every pipeline stage's model (and every virtual chunk)"
+    if leaf == "bias" and not arch.rule_for_mcore(module)[2].hf_bias and tensor.count_nonzero().item():
+        raise ValueError(
+            f"{name} is not zero, but the HF {arch.model_type} model has no bias there; "
+            "it cannot be exported (was an adapter with lora_bias merged into it?)"
         )
-    out = {}
-    for name in arch.mcore_param_names():
-        out.update(hf_tensors_from_mcore(arch, name, state[name]))
-    if arch.tied:
-        _, hprefix, rule = arch.rule_for_mcore(EMBEDDING)
-        out["lm_head.weight"] = out[f"{hprefix}{rule.hf[0]}.weight"]
-    return out
+    return hf_parts_from_mcore(arch, name, tensor)
+
+
+class HFNames:
+    """The name mapping of a merged export to an HF model's files (see ``megalora.export.MegatronNames``).
+
+    One megatron tensor gives one or several HF tensors (``linear_qkv`` is
+    split per query group into q, k and v; a gated ``linear_fc1`` into gate
+    and up), so each is mapped as it arrives. A tied ``lm_head.weight`` is
+    left out, as transformers' ``save_pretrained`` does.
+    """
+
+    format = "hf"
+
+    def __init__(self, arch: Arch):
+        self.arch = arch
+
+    def check(self, keys: list[str]) -> Optional[str]:
+        want = self.arch.mcore_param_names()
+        missing, extra = sorted(set(want) - set(keys)), sorted(set(keys) - set(want))
+        if missing:
+            return (f"{len(missing)} megatron tensor(s) missing for the HF export, e.g. {missing[:3]}: "
+                    "pass every pipeline stage's model (and every virtual chunk)")
+        if extra:
+            return f"megatron tensors {extra[:3]} have no counterpart in the HF {self.arch.model_type} model"
+        return None
+
+    def outputs(self, key: str, shape: tuple, dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
+        meta = torch.empty(shape, dtype=dtype, device="meta")
+        return [(name, tuple(t.shape), dtype) for name, t in hf_parts_from_mcore(self.arch, key, meta)]
+
+    def feed(self, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        return hf_tensors_from_mcore(self.arch, key, tensor)
 
 
 # ---------------------------------------------------------------------- sources

@@ -1,34 +1,30 @@
 """A megatron-core model back to an HF state dict and HF files that transformers loads.
 
-Each parameter is gathered along its own TP split dimension (a gated
-``linear_fc1`` as ``[gate; up]`` blocks), keyed by its global name, and every
-pipeline stage's tensors are sent to global rank 0, which converts them to HF
-names with :func:`megalora.hf.convert.hf_state_from_mcore`.
+Both are the merged export's stream (:func:`megalora.export.stream_merged`)
+with HF names (:class:`megalora.hf.convert.HFNames`): every tensor is made
+full on its pipeline stage (adapters merged on the full tensors), sent to
+global rank 0 and split into its HF tensors there, one at a time. The files
+are therefore byte-identical at every TP/PP/VPP layout.
 
 A megalora ``PeftModel`` may be passed: with ``merge_adapters=True`` (the
-default) the active, unmerged adapters are merged for the export and the
-base weights are restored bit for bit afterwards; otherwise the bare base
-weights are exported. A model already merged (``merge_and_unload``) is just
-a megatron model.
+default) its active adapters are merged into what is exported (the model
+itself is not changed); otherwise the bare base weights are exported. A model
+already merged (``merge_and_unload``) is just a megatron model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from .. import distributed as D
-from ..layers import LoraLayer
+from ..export import stream_merged, write_merged
 from .arch import arch_from_hf
-from .build import global_param_names, param_spec
-from .convert import hf_state_from_mcore
+from .convert import EMBEDDING, HFNames
 from .models import clean_hf_config
-
-WEIGHTS_NAME = "model.safetensors"
 
 
 def _is_peft_model(model) -> bool:
@@ -60,80 +56,29 @@ def find_hf_config(model, hf_config=None):
     )
 
 
-@contextlib.contextmanager
-def adapters_merged(model):
-    """Inside the block, the active unmerged adapters of a ``PeftModel`` are merged.
+class _StateDict:
+    """A sink of the merged stream that keeps every tensor (for :func:`export_hf_state_dict`)."""
 
-    On exit they are unmerged and the original base tensors copied back, so
-    the base weights are bit-identical to before (unmerging alone would leave
-    rounding noise).
-    """
-    layers = []
-    if _is_peft_model(model):
-        for chunk in model_chunks(model):
-            for module in chunk.modules():
-                if (isinstance(module, LoraLayer) and not module.merged and not module.disable_adapters
-                        and any(a in module.lora_A for a in module.active_adapters)):
-                    layers.append(module)
-    saved = []
-    for layer in layers:
-        base = layer.get_base_layer()
-        bias = getattr(base, "bias", None)
-        saved.append((layer, base.weight.detach().clone(), None if bias is None else bias.detach().clone()))
-    try:
-        for layer in layers:
-            layer.merge()
-        yield
-    finally:
-        with torch.no_grad():
-            for layer, weight, bias in saved:
-                if layer.merged:
-                    layer.unmerge()
-                base = layer.get_base_layer()
-                base.weight.copy_(weight)
-                if bias is not None:
-                    base.bias.copy_(bias)
+    def __init__(self):
+        self.state, self.error = {}, None
 
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        if self.error is None:
+            self.state[key] = tensor.to("cpu", copy=True).contiguous()
 
-def gather_stages(state: dict) -> Optional[dict]:
-    """Collective: every pipeline stage's tensors merged on global rank 0 (``None`` elsewhere).
+    def fail(self, message: str) -> None:
+        self.error = self.error or message
 
-    Only one rank per stage (TP rank 0 of the first data-parallel replica) sends.
-    """
-    parts = D.gather_objects(state if D.is_stage_writer() else {})
-    if parts is None:
-        return None
-    merged = {}
-    for part in parts:
-        merged.update(part)
-    return merged
-
-
-def _stage_state(chunks: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """Collective over TP: this stage's full base tensors, by global megatron name."""
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_tensor_model_parallel_group()
-    state = {}
-    for chunk in chunks:
-        gated = bool(getattr(getattr(chunk, "config", None), "gated_linear_unit", False))
-        names = global_param_names(chunk)
-        for local, param in chunk.named_parameters():
-            parts = local.split(".")
-            if any(p.startswith("lora_") for p in parts):
-                continue
-            if "modules_to_save" in parts or "original_module" in parts:
-                raise NotImplementedError(
-                    "exporting modules_to_save to HF is not supported; call merge_and_unload() and export the result"
-                )
-            name = ".".join(p for p in names[local].split(".") if p != "base_layer")
-            full = D.gather_full(param.detach(), param_spec(name, param, gated), group)
-            state[name] = full.to("cpu", copy=True).contiguous()
-    return state
+    def finish(self) -> Optional[str]:
+        return self.error
 
 
 def export_hf_state_dict(model, hf_config=None, merge_adapters: bool = True) -> Optional[dict[str, torch.Tensor]]:
     """Collective: the HF state dict of a megatron model, on global rank 0 (``None`` elsewhere).
+
+    It is :func:`megalora.export_merged`'s stream kept in memory instead of
+    written, so it holds the whole model on rank 0; :func:`save_hf_pretrained`
+    streams to files instead.
 
     Args:
         model: A ``GPTModel`` (this rank's stage), its virtual chunks, or a
@@ -147,13 +92,19 @@ def export_hf_state_dict(model, hf_config=None, merge_adapters: bool = True) -> 
         ``state_dict()`` (a tied ``lm_head.weight`` is the embedding tensor).
     """
     arch = arch_from_hf(find_hf_config(model, hf_config))
-    context = adapters_merged(model) if merge_adapters else contextlib.nullcontext()
-    with context:
-        state = _stage_state(model_chunks(model))
-    merged = gather_stages(state)
-    if merged is None:
+    sink, _ = stream_merged(model, _adapters(model, merge_adapters), HFNames(arch), lambda *_: _StateDict())
+    if sink is None:
         return None
-    return hf_state_from_mcore(arch, merged)
+    state = sink.state
+    if arch.tied:
+        _, hprefix, rule = arch.rule_for_mcore(EMBEDDING)
+        state["lm_head.weight"] = state[f"{hprefix}{rule.hf[0]}.weight"]
+    return state
+
+
+def _adapters(model, merge_adapters: bool) -> Optional[list]:
+    """The adapters to merge: a ``PeftModel``'s active ones (``None``), or none."""
+    return None if merge_adapters or not _is_peft_model(model) else []
 
 
 def share_files(directory: str) -> None:
@@ -171,10 +122,14 @@ def _save_generation_config(config, directory: str) -> None:
     GenerationConfig.from_model_config(config).save_pretrained(directory)
 
 
-def save_hf_pretrained(model, directory: str, hf_config=None, tokenizer=None, merge_adapters: bool = True) -> str:
-    """Collective: write ``config.json``, ``generation_config.json`` and ``model.safetensors`` for transformers.
+def save_hf_pretrained(model, directory: str, hf_config=None, tokenizer=None, merge_adapters: bool = True,
+                       max_shard_size: Union[int, str] = "5GB") -> str:
+    """Collective: write ``config.json``, ``generation_config.json`` and the weights for transformers.
 
-    Global rank 0 writes; every rank returns once the files exist. A GGUF
+    Global rank 0 writes, streaming tensor by tensor; every rank returns once
+    the files exist. The weights are ``model.safetensors``, or shards plus an
+    index beyond ``max_shard_size``, as transformers' ``save_pretrained``
+    writes them; they do not depend on the layout, byte for byte. A GGUF
     source's ``quantization_config`` is dropped (the weights are dequantized),
     and a tied ``lm_head.weight`` is left out, as transformers does.
 
@@ -184,20 +139,17 @@ def save_hf_pretrained(model, directory: str, hf_config=None, tokenizer=None, me
         hf_config: The HF config; default the one recorded by ``build_gpt_from_hf``.
         tokenizer: An optional tokenizer to save alongside.
         merge_adapters: As for :func:`export_hf_state_dict`.
+        max_shard_size: Bytes per weights file (int, or a string like ``"5GB"``).
     """
-    from safetensors.torch import save_file
-
     hf_config = find_hf_config(model, hf_config)
-    state = export_hf_state_dict(model, hf_config, merge_adapters=merge_adapters)
+    written = write_merged(model, directory, HFNames(arch_from_hf(hf_config)), _adapters(model, merge_adapters),
+                           max_shard_size, progressbar=False)
     error = None
-    if state is not None:
+    if written is not None:
         try:
-            if arch_from_hf(hf_config).tied:
-                state.pop("lm_head.weight", None)
-            os.makedirs(directory, exist_ok=True)
-            save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
             config = clean_hf_config(hf_config)
-            config.dtype = next(iter(state.values())).dtype
+            if written["dtype"] is not None:
+                config.dtype = written["dtype"]
             config.save_pretrained(directory)
             _save_generation_config(config, directory)
             if tokenizer is not None:

@@ -1,6 +1,9 @@
-"""LoRA layers: one base class and the variants that declare their sharding.
+"""LoRA layers: one base class and the layer types that declare their sharding.
 
-:func:`create_lora_layer` picks the variant for a base module.
+:func:`create_lora_layer` picks the layer type for a base module from an
+ordered list that :func:`register_lora_layer` extends
+(:mod:`megalora.layers.dispatch`); what an adapter adds beyond ``B @ A``
+(DoRA) is a variant object (:mod:`megalora.layers.variants`).
 """
 
 from __future__ import annotations
@@ -9,11 +12,13 @@ import importlib
 import sys
 from typing import Optional
 
-from torch import nn
-
 from ..config import check_megatron_core
-from .base import LoraFactor, LoraLayer, LoraMagnitude
-from .plain import LoraLinear, is_conv1d
+from .base import LoraLayer
+from .dispatch import LayerContext, create_lora_layer, is_supported_linear, register_lora_layer
+from .init import LoraFactor, LoraMagnitude
+from .plain import LoraLinear
+from .tensors import AdapterTensor, gated_chunks
+from .variants import LoraVariant, resolve_variant
 
 __all__ = [
     "LoraLayer",
@@ -21,6 +26,12 @@ __all__ = [
     "LoraFactor",
     "LoraMagnitude",
     "create_lora_layer",
+    "register_lora_layer",
+    "LayerContext",
+    "AdapterTensor",
+    "gated_chunks",
+    "LoraVariant",
+    "resolve_variant",
     "megatron_core_module",
     "is_supported_linear",
 ]
@@ -44,75 +55,3 @@ def megatron_core_module(name: Optional[str]):
         return importlib.import_module(name)
     except ImportError:
         return None
-
-
-def _parallel_classes(mcore) -> tuple[tuple, tuple]:
-    if mcore is None:
-        return (), ()
-    tp = mcore.tensor_parallel
-    return (tp.ColumnParallelLinear,), (tp.RowParallelLinear,)
-
-
-def _te_classes(mcore) -> tuple[tuple, tuple, tuple]:
-    if mcore is None:
-        return (), (), ()
-    from .te import te_layer_classes
-
-    return te_layer_classes()
-
-
-def is_supported_linear(module: nn.Module, mcore=None) -> bool:
-    """Whether megalora can put LoRA on ``module``."""
-    column, row = _parallel_classes(mcore)
-    te = sum(_te_classes(mcore), ())
-    return isinstance(module, (nn.Linear, *column, *row, *te)) or is_conv1d(module)
-
-
-def _is_gated_fc1(module: nn.Module, name: str) -> bool:
-    config = getattr(module, "config", None)
-    return name.split(".")[-1] == "linear_fc1" and bool(getattr(config, "gated_linear_unit", False))
-
-
-def create_lora_layer(target: nn.Module, name: str, fan_in_fan_out: bool = False, mcore=None) -> LoraLayer:
-    """Wrap ``target`` in the LoRA layer that matches its type.
-
-    Args:
-        target: The base module.
-        name: Its (global) module name, used to recognise a gated ``linear_fc1``.
-        fan_in_fan_out: The config's flag, for plain layers.
-        mcore: The megatron-core module from :func:`megatron_core_module`.
-
-    Raises:
-        TypeError: If the module type is not supported.
-    """
-    te_column, te_row, te_norm_column = _te_classes(mcore)
-    chunks = 2 if _is_gated_fc1(target, name) else 1
-    if te_norm_column and isinstance(target, te_norm_column):
-        from .te import LoraColumnCallingBase, layernorm_of
-
-        return LoraColumnCallingBase(target, out_chunks=chunks, input_norm=layernorm_of(target))
-    if te_column and isinstance(target, te_column):
-        from .te import LoraColumnCallingBase
-
-        return LoraColumnCallingBase(target, out_chunks=chunks)
-    if te_row and isinstance(target, te_row):
-        from .te import LoraRowCallingBase
-
-        return LoraRowCallingBase(target)
-    column, row = _parallel_classes(mcore)
-    if column and isinstance(target, column):
-        from .parallel import LoraColumnParallelLinear
-
-        return LoraColumnParallelLinear(target, out_chunks=chunks)
-    if row and isinstance(target, row):
-        from .parallel import LoraRowParallelLinear
-
-        return LoraRowParallelLinear(target)
-    if isinstance(target, nn.Linear) or is_conv1d(target):
-        return LoraLinear(target, fan_in_fan_out=fan_in_fan_out)
-    raise TypeError(
-        f"Target module {name} ({type(target).__name__}) is not supported. megalora supports torch.nn.Linear, "
-        "transformers' Conv1D, megatron-core's ColumnParallelLinear / RowParallelLinear and their Transformer "
-        "Engine counterparts; "
-        "adjust target_modules to select only those."
-    )

@@ -16,6 +16,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .. import distributed as D
+from .tensors import AdapterTensor, model_tensor_spec
+
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel")
 
 
@@ -105,10 +108,13 @@ class ModulesToSaveWrapper(nn.Module):
         adapter_name: The first adapter.
         untie_from: For a module tied to the embeddings, the tensor each copy's
             own weight starts from (see :func:`tied_weight_plan`).
+        global_name: The module's global name, recorded for :meth:`tensors`.
     """
 
-    def __init__(self, module: nn.Module, adapter_name: str, untie_from: Optional[torch.Tensor] = None):
+    def __init__(self, module: nn.Module, adapter_name: str, untie_from: Optional[torch.Tensor] = None,
+                 global_name: str = ""):
         super().__init__()
+        self.global_name = global_name
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
         self._active_adapter: list[str] = []
@@ -124,6 +130,20 @@ class ModulesToSaveWrapper(nn.Module):
             _own_weight(clone, untie_from)
             self.untied = True
         self.modules_to_save[adapter_name] = clone
+
+    def tensors(self, adapter: str) -> list[AdapterTensor]:
+        """Every parameter of ``adapter``'s copy, split by megatron-core's TP attributes on it.
+
+        The equivalent of :meth:`LoraLayer.tensors <megalora.layers.base.LoraLayer.tensors>`;
+        saved under the module's own name (``<module>.weight``), as PEFT does.
+        """
+        copy_ = self.modules_to_save[adapter]
+        group = D.model_tp_group()
+        return [
+            AdapterTensor("saved", p, model_tensor_spec(copy_, self.global_name, p), group, self.global_name,
+                          f"modules_to_save.{adapter}.{pname}", pname)
+            for pname, p in copy_.named_parameters()
+        ]
 
     @property
     def active_adapters(self) -> list[str]:

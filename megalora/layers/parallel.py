@@ -101,8 +101,8 @@ class _FrozenLinearLora(torch.autograd.Function):
 class _ParallelLoraLayer(LoraLayer):
     """What column and row variants share."""
 
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer, tp_group=_tp_group(base_layer))
+    def __init__(self, base_layer: nn.Module, *, global_name: str = "", out_chunks: int = 1):
+        super().__init__(base_layer, tp_group=_tp_group(base_layer), global_name=global_name, out_chunks=out_chunks)
 
     def _full_features(self) -> tuple[int, int]:
         base = self.get_base_layer()
@@ -144,7 +144,7 @@ class _ParallelLoraLayer(LoraLayer):
             a, b = self.lora_A[name].weight, self.lora_B[name]
             dropout = self.lora_dropout[name]
             if not (
-                self.use_dora[name]
+                not self.lora_variant[name].fusable
                 or b.bias is not None
                 or weight.requires_grad
                 or (bias is not None and bias.requires_grad)
@@ -159,21 +159,11 @@ class _ParallelLoraLayer(LoraLayer):
         return self._apply_adapters(x2, F.linear(x2, weight, bias), bias, inplace=True)
 
     def _tag_parameters(self, adapter_name: str) -> None:
-        specs = {
-            "lora_A": (self.a_spec, self.a_spec),
-            "lora_B": (self.b_spec, self.b_spec if self.b_spec.dim == 0 else D.FULL),
-            "lora_magnitude_vector": (self.magnitude_spec, self.magnitude_spec),
-        }
-        for layer_name, (weight_spec, bias_spec) in specs.items():
-            module = getattr(self, layer_name)
-            if adapter_name not in module:
-                continue
-            for pname, param in module[adapter_name].named_parameters():
-                spec = weight_spec if pname == "weight" else bias_spec
-                if spec.sharded:
-                    D.mark_tp_sharded(param, spec.dim, 1)
-                else:
-                    D.mark_tp_replicated(param)
+        for entry in self.tensors(adapter_name):
+            if entry.spec.sharded:
+                D.mark_tp_sharded(entry.param, entry.spec.dim, 1)
+            else:
+                D.mark_tp_replicated(entry.param)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict = None) -> dict:
         """megatron-core distributed checkpointing: the base layer's tensors, then every adapter's.
@@ -197,19 +187,13 @@ class _ParallelLoraLayer(LoraLayer):
         # linear_fc1's base weight, as it does on the unwrapped layer.
         out = dict(self.get_base_layer().sharded_state_dict(prefix, sharded_offsets, metadata))
         dp_rank = D.group_rank(metadata["dp_cp_group"])
-        bias_spec = self.b_spec if self.b_spec.dim == 0 else D.FULL
-        for layer_name, weight_spec, b_spec in (
-            ("lora_A", self.a_spec, D.FULL),
-            ("lora_B", self.b_spec, bias_spec),
-            ("lora_magnitude_vector", self.magnitude_spec, D.FULL),
-        ):
-            for adapter, module in getattr(self, layer_name).items():
-                for pname, param in module.named_parameters():
-                    key = f"{prefix}{layer_name}.{adapter}.{pname}"
-                    spec = weight_spec if pname == "weight" else b_spec
-                    out[key] = D.sharded_tensor(
-                        param, key, spec, self.tp_rank, self.tp_size, dp_rank, tuple(sharded_offsets), singleton
-                    )
+        for adapter in self.lora_A:
+            for entry in self.tensors(adapter):
+                key = f"{prefix}{entry.local_key}"
+                out[key] = D.sharded_tensor(
+                    entry.param, key, entry.spec, self.tp_rank, self.tp_size, dp_rank, tuple(sharded_offsets),
+                    singleton,
+                )
         return out
 
 
@@ -218,14 +202,14 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
 
     Args:
         base_layer: The megatron-core column-parallel layer.
+        global_name: Its global module name.
         out_chunks: Blocks of the output dimension that are sharded separately
             (2 for a gated ``linear_fc1``, whose rank ``k`` holds ``[gate_k; up_k]``).
     """
 
-    def __init__(self, base_layer: nn.Module, out_chunks: int = 1):
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, *, global_name: str = "", out_chunks: int = 1):
+        super().__init__(base_layer, global_name=global_name, out_chunks=out_chunks)
         self.b_spec = D.ShardSpec(dim=0, chunks=out_chunks)
-        self.magnitude_spec = D.ShardSpec(dim=0, chunks=out_chunks)
 
     def _forward_active(self, x: torch.Tensor, weight=None, runtime_gather_output=None):
         base = self.get_base_layer()

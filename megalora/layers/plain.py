@@ -25,8 +25,8 @@ class LoraLinear(LoraLayer):
     ``fan_in_fan_out`` means the base weight is stored ``[in, out]``.
     """
 
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False, *, global_name: str = ""):
+        super().__init__(base_layer, global_name=global_name)
         if is_conv1d(base_layer) and not fan_in_fan_out:
             warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it to True.")
             fan_in_fan_out = True

@@ -50,18 +50,14 @@ def te_layer_classes() -> tuple[tuple, tuple, tuple]:
 
 
 class _CallingBaseMixin:
-    """What both directions share: no DoRA, and SP-dependent grad pre-scaling."""
+    """What both directions share: plain LoRA only, and SP-dependent grad pre-scaling.
 
-    def _check_adapter_options(self, use_dora: bool) -> None:
-        if use_dora:
-            raise NotImplementedError(
-                f"use_dora=True is not supported on {type(self.get_base_layer()).__name__}: its weight norm needs "
-                "the base weight outside Transformer Engine's fused GEMM; set use_dora=False or use the local spec"
-            )
+    The base weight stays inside the base layer's fused forward, so a variant
+    that reads it (DoRA) refuses these layers (:meth:`Dora.check
+    <megalora.layers.variants.Dora.check>`).
+    """
 
-    def update_layer(self, adapter_name, r, lora_alpha, *args, use_dora=False, **kwargs):
-        self._check_adapter_options(use_dora)
-        super().update_layer(adapter_name, r, lora_alpha, *args, use_dora=use_dora, **kwargs)
+    reads_base_weight = False
 
     def _factor_weight(self, factor: nn.Module, spec: D.ShardSpec) -> torch.Tensor:
         if spec.sharded or self.tp_size == 1 or not self._sequence_parallel:
@@ -84,10 +80,9 @@ class _CallingBaseMixin:
 class LoraColumnCallingBase(_CallingBaseMixin, _ParallelLoraLayer):
     """LoRA on a column-parallel layer that keeps its own forward (A replicated, B row-sharded)."""
 
-    def __init__(self, base_layer: nn.Module, out_chunks: int = 1, input_norm=None):
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, *, global_name: str = "", out_chunks: int = 1, input_norm=None):
+        super().__init__(base_layer, global_name=global_name, out_chunks=out_chunks)
         self.b_spec = D.ShardSpec(dim=0, chunks=out_chunks)
-        self.magnitude_spec = D.ShardSpec(dim=0, chunks=out_chunks)
         # For a layer with a fused input norm: LoRA reads the normalised input.
         self._input_norm = input_norm
 

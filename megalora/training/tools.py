@@ -66,37 +66,24 @@ def load_peft(cfg: JobConfig, adapter_dir: str, is_trainable: bool = False):
 def merge_job(cfg: JobConfig, adapter_dir: str, output_dir: str) -> str:
     """Collective: base + adapter merged, written as full tensors (loadable at any layout).
 
-    An HF source is written as an HF model (``config.json`` and
-    ``model.safetensors``, through :func:`megalora.hf.save_hf_pretrained`); a
-    random GPT as one ``model.safetensors`` of full megatron tensors keyed by
-    global names. The merge itself runs at the config's layout.
+    Both kinds are the merged export's stream (:func:`megalora.export_merged`),
+    which merges on full tensors, so the files are byte-identical whatever
+    layout the job runs at. An HF source is written as an HF model (config,
+    tokenizer, weights under HF names, through
+    :func:`megalora.hf.save_hf_pretrained`); a random GPT as full megatron
+    tensors keyed by global names.
     """
+    from .. import export_merged
+
     _start(cfg)
     peft_model = load_peft(cfg, adapter_dir)
-    merged = peft_model.merge_and_unload()
-    chunks = merged if isinstance(merged, list) else [merged]
-    if getattr(chunks[0], "hf_config", None) is not None:
+    if getattr(peft_model[0], "hf_config", None) is not None:
         from ..hf import save_hf_pretrained
 
         # Rank 0 writes; the tokenizer makes the folder stand alone (AutoTokenizer.from_pretrained(DIR)).
         tokenizer = hf_tokenizer(cfg) if dist.get_rank() == 0 else None
-        return save_hf_pretrained(chunks, output_dir, tokenizer=tokenizer, merge_adapters=False)
-    from safetensors.torch import save_file
-
-    from ..checkpoint import _gather_stages
-    from ..hf.export import _stage_state, share_files
-
-    # The project's stage gatherer (rank 0 gets every stage's full tensors).
-    state, problem = _gather_stages(_stage_state(chunks))
-    if problem:
-        raise ValueError(problem)
-    if dist.get_rank() == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        meta = {"format": "pt", "megalora_merged_adapter": os.path.abspath(adapter_dir),
-                "megalora_layout": json.dumps({"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "full_tensors": True})}
-        save_file(state, os.path.join(output_dir, MERGED_WEIGHTS), metadata=meta)
-        share_files(output_dir)
-    dist.barrier()
+        return save_hf_pretrained(peft_model, output_dir, tokenizer=tokenizer)
+    export_merged(peft_model, output_dir, progressbar=False)
     return output_dir
 
 
@@ -163,7 +150,7 @@ def describe_output(cfg: JobConfig, kind: str, output_dir: str) -> str:
         how = (f"AutoModelForCausalLM.from_pretrained({where!r}), AutoTokenizer.from_pretrained({where!r}) "
                "(from transformers)")
     else:
-        what = f"the merged weights ({MERGED_WEIGHTS}: full megatron tensors, global names)"
+        what = f"the merged weights ({MERGED_WEIGHTS} or its shards: full megatron tensors, global names)"
         how = f"safetensors.torch.load_file({os.path.join(where, MERGED_WEIGHTS)!r}) and copy into a GPTModel"
     return f"megalora {kind}: wrote {what} to {where} ({files})\n  load it with: {how}"
 
