@@ -9,7 +9,11 @@ time. :func:`export_merged` writes them as transformers' ``save_pretrained``
 does (:mod:`megalora.shard_files`); ``megalora.hf.save_hf_pretrained``,
 ``megalora merge`` and ``megalora export --format hf`` are the same stream.
 
-How it streams, so that the extra memory is about one full layer weight:
+How it streams, so that the extra memory is about one full layer weight
+(measured on a GPT whose largest weight is 16.8 MB, RSS with glibc's dynamic
+mmap threshold off: 16.8 MB extra at TP=1 for LoRA, 33.6 MB for DoRA, whose
+norm needs one temporary more; at TP=2 the writing rank also holds the
+gathered weight, 33.9 / 50.7 MB, and the other rank 0.04 MB):
 
 1. Every rank lists its tensors (name, full shape, dtype); global rank 0
    collects the lists, sorts the names naturally (a layout-independent order),
@@ -364,8 +368,8 @@ def export_merged(
     several ``model-0000i-of-0000n.safetensors`` plus
     ``model.safetensors.index.json``; the files do not depend on the
     TP/PP/VPP/DP layout (byte for byte). Peak extra memory on the writing
-    rank is about one gathered weight and one merged weight, never a file;
-    other ranks hold no full tensor.
+    rank is about one gathered weight and one merged weight (one more
+    temporary for DoRA), never a file; other ranks hold no full tensor.
 
     Args:
         peft_model: A megalora ``PeftModel`` (plain, megatron-core, or VPP

@@ -61,9 +61,15 @@ def delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor
     return (b @ a).mul_(scale)
 
 
-def row_norm(weight: torch.Tensor, reduce: Reduce = _identity) -> torch.Tensor:
-    """Per-output-row L2 norm over the full input dimension, in fp32, cast back to ``weight``'s dtype."""
-    return reduce(weight.float().pow(2).sum(dim=1)).sqrt().to(weight.dtype)
+def row_norm(weight: torch.Tensor, reduce: Reduce = _identity, inplace: bool = False) -> torch.Tensor:
+    """Per-output-row L2 norm over the full input dimension, in fp32, cast back to ``weight``'s dtype.
+
+    ``inplace`` squares in ``weight``'s own buffer (for a temporary the caller
+    drops), sparing a weight-sized allocation; the bits are the same.
+    """
+    square = weight.float()
+    square = square.pow_(2) if inplace or square is not weight else square.pow(2)
+    return reduce(square.sum(dim=1)).sqrt().to(weight.dtype)
 
 
 def dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -99,7 +105,7 @@ def merged_weight(
     delta = delta.to(weight.dtype)
     if magnitude is None:
         return (delta.add_(weight) if inplace else weight + delta), None
-    norm = row_norm((weight if pristine is None else pristine) + delta, reduce).detach()
+    norm = row_norm((weight if pristine is None else pristine) + delta, reduce, inplace=True).detach()
     scale = dora_scale(magnitude, norm).to(weight.dtype)
     return (delta.add_(weight).mul_(scale) if inplace else scale * (weight + delta)), norm
 

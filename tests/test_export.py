@@ -28,7 +28,8 @@ EXTRA = {
     "bias": dict(r=2, lora_alpha=2, lora_bias=True, target_modules=["linear_qkv", "linear_fc2"]),
 }
 ADAPTERS = ["default", "dora", "bias"]
-LAYOUTS = {"tp1": {}, "tp2": dict(tp=2), "pp2-vpp2": dict(pp=2, vpp=2)}
+# The tiny GPT has 4 heads, so TP=2 stands for TP=3 here (the HF test below runs TP=3).
+LAYOUTS = {"tp1": {}, "tp2": dict(tp=2), "pp2": dict(pp=2), "pp2-vpp2": dict(pp=2, vpp=2)}
 SHARD = 60_000  # bytes: several shards for a 4-layer hidden-64 model
 
 
@@ -91,6 +92,8 @@ def _export_body(root: str):
         summary = megalora.export_merged(peft, target, adapter_names=ADAPTERS, max_shard_size=SHARD,
                                          progressbar=False)
         exported = _read_export(target)
+        # Without DoRA too: the plain adapter alone.
+        megalora.export_merged(peft, f"{target}-plain", adapter_names=["default"], progressbar=False)
         peft.set_adapter(ADAPTERS)
         unmerged = U.pipeline_logits(peft.get_base_model())
         with count_collectives() as log:
@@ -102,7 +105,7 @@ def _export_body(root: str):
         for key in merged:
             U.assert_close(exported[key], merged[key], 1e-6, f"{name}: exported vs merge_and_unload {key}")
         U.assert_close(unmerged, U.pipeline_logits(chunks), 1e-5, f"{name}: merged vs unmerged logits")
-        out[name] = dict(files=_files(target), exact=exact, calls=dict(log.calls), summary=summary)
+        out[name] = dict(files=_files(target), plain=_files(f"{target}-plain"), exact=exact, calls=dict(log.calls), summary=summary)
         destroy_parallel()
     # A second export with one shard replaces the earlier shards.
     peft = _adapted(U.build(full))
@@ -119,6 +122,7 @@ def test_export_is_layout_independent_and_merge_is_local(dist2, tmp_path):
     assert len(ref) > 3 and "model.safetensors.index.json" in ref
     for name in LAYOUTS:
         assert out[name]["files"] == ref, f"export at {name} differs from TP=1's byte for byte"
+        assert out[name]["plain"] == out["tp1"]["plain"], f"plain export at {name} differs from TP=1's"
         calls = out[name]["calls"]
         moved = {k: v for k, v in calls.items() if "gather" in k or k in ("send", "recv", "isend", "irecv",
                                                                             "broadcast", "batch_isend_irecv")}
@@ -192,3 +196,58 @@ def test_tied_embeddings_are_exported_once(dist2, tmp_path):
     files, keys = dist2(_tied_body, str(tmp_path), timeout_s=600)[0]
     assert files["pp2"] == files["pp1"]
     assert "embedding.word_embeddings.weight" in keys and "output_layer.weight" not in keys
+
+
+# ---------------------------------------------------------------------- HF format
+
+# (tied, megalora LoRA fields): DoRA on every linear layer (row-parallel ones
+# included) of a tied GQA Llama, and a plain adapter on an untied one.
+HF_VARIANTS = {
+    "tied-dora": (True, dict(r=4, lora_alpha=8, use_dora=True)),
+    "untied-plain": (False, dict(r=4, lora_alpha=8)),
+}
+HF_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+
+
+def _hf_body(root: str, layouts: dict):
+    """``save_hf_pretrained`` of each variant at each layout; file hashes, and logits at TP=1."""
+    import megalora
+    import megalora.hf as H
+    from megalora.runtime import destroy_parallel
+    from tests import hf_utils as HU
+
+    out = {}
+    for layout, (tp, pp, vpp) in layouts.items():
+        for name, (tied, fields) in HF_VARIANTS.items():
+            megalora.init_parallel(tp, pp, virtual_pipeline_model_parallel_size=vpp)
+            hf = HU.tiny_hf("llama", tied)
+            model = H.build_gpt_from_hf(hf) if vpp is None else [H.build_gpt_from_hf(hf, vp_stage=i)
+                                                                  for i in range(vpp)]
+            peft = megalora.get_peft_model(
+                model, megalora.LoraConfig(target_modules=HF_TARGETS, init_lora_weights=False, **fields))
+            U.perturb(peft, "default")  # layout-invariant bits, DoRA magnitudes included
+            target = os.path.join(root, f"{layout}-{name}")
+            H.save_hf_pretrained(peft, target, max_shard_size=SHARD)
+            out[f"{layout}-{name}"] = _files(target)
+            if (tp, pp) == (1, 1):
+                from transformers import AutoModelForCausalLM
+
+                toks = HU.tokens()
+                ours = HU.mcore_logits(peft.get_base_model().eval(), toks, hf.config.hidden_size)
+                loaded = AutoModelForCausalLM.from_pretrained(target, attn_implementation="eager").eval()
+                out[f"logits-{name}"] = HU.max_diff(HU.hf_logits(loaded, toks), ours)
+            destroy_parallel()
+    return out
+
+
+def test_hf_export_is_byte_identical_across_layouts(ranks, tmp_path):
+    """HF names through the bridge's converter: TP=1 (DP=3), TP=3, PP=2, PP=2 x VPP=2 write the same bytes."""
+    out = ranks(3, _hf_body, str(tmp_path), {"tp1": (1, 1, None), "tp3": (3, 1, None)}, timeout_s=600)[0]
+    out.update(ranks(2, _hf_body, str(tmp_path), {"pp2": (1, 2, None), "pp2-vpp2": (1, 2, 2)}, timeout_s=600)[0])
+    for name, (tied, _) in HF_VARIANTS.items():
+        ref = out[f"tp1-{name}"]
+        assert "model.safetensors.index.json" in ref and "config.json" in ref, ref
+        for layout in ("tp3", "pp2", "pp2-vpp2"):
+            assert out[f"{layout}-{name}"] == ref, f"{name}: the HF export at {layout} differs from TP=1's"
+        # fp32 models: transformers' eager forward vs megatron's, on the same merged weights (~1e-6).
+        assert out[f"logits-{name}"] <= 2e-5, (name, out[f"logits-{name}"])
