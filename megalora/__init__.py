@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from .config import LoraConfig
 from .model import LoraModel, PeftModel, get_peft_model
-from .runtime import init_distributed, init_parallel
+from .parallel_start import init_distributed, init_parallel
 from .export import export_merged
 
 

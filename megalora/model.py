@@ -29,9 +29,9 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _lora_init_seed() -> int:
-    from . import runtime
+    from . import lora_seed
 
-    return runtime.lora_init_seed()
+    return lora_seed.lora_init_seed()
 
 
 def _params_dtype(megatron_config) -> Optional[torch.dtype]:

@@ -29,7 +29,7 @@ def lora_config(**overrides):
 def reference_weights(num_layers: int = 4, gated: bool = True) -> dict:
     """Full base weights of the reference model (built at TP=1/PP=1, then torn down)."""
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     megalora.init_parallel(seed=1234)
     model = G.build_gpt(G.gpt_config(num_layers=num_layers, gated=gated))

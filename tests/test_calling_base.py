@@ -95,7 +95,7 @@ def _train(fc1, fc2, sp, steps=4):
 
 
 def _oracle_body(sp):
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     ref_losses, ref_weights = _train(*_mlp(1, False, "calling"), sp=False)
     fused_losses, _ = _train(*_mlp(1, False, "fused"), sp=False)

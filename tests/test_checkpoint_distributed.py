@@ -30,7 +30,7 @@ def _file_tensors(path: str) -> dict:
 
 def _save_tp2pp2_body(path: str):
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     peft = megalora.get_peft_model(U.build(full, tp=2, pp=2), U.lora_config(modules_to_save=SAVED_MODULES))
@@ -94,7 +94,7 @@ def test_save_tp2_pp2_load_tp1(dist4, tmp_path):
 
 def _save_tp1_body(path: str):
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     peft = megalora.get_peft_model(U.build(full), U.lora_config(modules_to_save=SAVED_MODULES))

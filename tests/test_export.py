@@ -79,7 +79,7 @@ def _adapted(model):
 def _export_body(root: str):
     import megalora
     from megalora.distributed import count_collectives
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     out = {}
@@ -128,7 +128,7 @@ def test_export_is_layout_independent_and_merge_is_local(dist2, tmp_path):
 def _content_body(root: str):
     """The export at TP=2 of one plain LoRA adapter, the reference weights, and the adapter itself."""
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     peft = megalora.get_peft_model(U.build(full, tp=2), U.lora_config())
@@ -162,7 +162,7 @@ def _tied_body(root: str):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
     from tests import gpt_utils as G
 
     full, out = None, {}

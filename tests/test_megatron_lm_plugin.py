@@ -158,7 +158,7 @@ def _body(root: str) -> dict:
 
     from megalora.integrations import megatron_lm as plugin
     from megalora.layers import LoraLayer
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     argv = ["--lora-r", "4", "--lora-alpha", "8", "--lora-init", "false",
             "--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2",

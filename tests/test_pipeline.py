@@ -90,7 +90,7 @@ def assert_losses_close(ref, got, what):
 def reference(num_layers, gated=False, rope=False, **lora):
     """Train the world-size-1 layout; returns its full base weights, losses, LoRA weights and layer set."""
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     megalora.init_parallel(seed=1234)
     model = G.build_gpt(G.gpt_config(num_layers=num_layers, gated=gated), rope=rope)

@@ -196,7 +196,7 @@ def _fc1_ptrs(chunks) -> dict:
 def _reference(layer_map, num_layers, gated=False):
     """PP=1 with replication: trains, and checks sharing, merging and unloading on the way."""
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     config, chunks = _megatron(num_layers=num_layers, gated=gated)
     full = {k: v.detach().clone() for k, v in chunks[0].named_parameters()}

@@ -134,7 +134,7 @@ def _setup(cfg: JobConfig) -> _Run:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     # Read before init_distributed, which exports RANK & co. for whoever reads them next.
-    launcher = megalora.runtime.detect_launch_env(use_scontrol=False).source
+    launcher = megalora.launch_env.detect_launch_env(use_scontrol=False).source
     megalora.init_distributed()
     check_layout(cfg, dist.get_world_size())
     p = cfg.parallel
