@@ -24,10 +24,8 @@ every rank before anything is written into the model.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import torch
@@ -36,13 +34,12 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from . import distributed as D
+from .atomic_write import remove_stale_temporaries, write_files
 from .config import LoraConfig
 from .adapter_entries import PREFIX, _adapter_entries  # noqa: F401 - PREFIX is part of this module's API
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-# Bytes per write call: bounds each syscall, and lets a test stop a save half-way.
-_WRITE_CHUNK = 64 << 20
 
 
 def _version() -> str:
@@ -100,49 +97,6 @@ def _gather_stages(state: dict) -> tuple[Optional[dict], Optional[str]]:
 # ---------------------------------------------------------------------- files
 
 
-def _fsync_dir(directory: str) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _stage_file(path: str, data: bytes) -> str:
-    """Write ``data`` to a synced temporary file next to ``path``; return its name."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        view = memoryview(data)
-        for start in range(0, len(view), _WRITE_CHUNK):
-            chunk = view[start:start + _WRITE_CHUNK]
-            while chunk:
-                chunk = chunk[os.write(fd, chunk):]
-        os.fsync(fd)
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; adapters are meant to be shared
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    return tmp
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    os.replace(_stage_file(path, data), path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _remove_stale_temporaries(directory: str) -> None:
-    """Temporary files of saves that were killed before their rename."""
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        for stale in glob.glob(os.path.join(glob.escape(directory), f".{name}.*.tmp")):
-            try:
-                os.unlink(stale)
-            except FileNotFoundError:
-                pass
-
-
 def write_adapter(directory: str, config: LoraConfig, state: dict[str, torch.Tensor]) -> None:
     """Write PEFT's two files into ``directory``, each atomically.
 
@@ -150,22 +104,14 @@ def write_adapter(directory: str, config: LoraConfig, state: dict[str, torch.Ten
     replaced only once the new one is complete on disk.
     """
     os.makedirs(directory, exist_ok=True)
-    _remove_stale_temporaries(directory)
     metadata = {"format": "pt", "megalora_version": _version(), "megalora_layout": json.dumps(_layout())}
     saved = config.copy() if hasattr(config, "copy") else config
     saved.inference_mode = True
     weights_path, config_path = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, CONFIG_NAME)
-    staged = []
-    try:
-        staged.append(_stage_file(weights_path, safetensors_bytes(state, metadata=metadata)))
-        staged.append(_stage_file(config_path, saved.to_json_string().encode()))
-    except BaseException:
-        for tmp in staged:
-            os.unlink(tmp)
-        raise
-    os.replace(staged[0], weights_path)
-    os.replace(staged[1], config_path)
-    _fsync_dir(directory)
+    remove_stale_temporaries(weights_path)
+    remove_stale_temporaries(config_path)
+    write_files([(weights_path, safetensors_bytes(state, metadata=metadata)),
+                 (config_path, saved.to_json_string().encode())])
 
 
 def save_adapters(

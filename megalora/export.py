@@ -37,7 +37,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -46,7 +45,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import _atomic_write, _fsync_dir, _version
+from .atomic_write import AtomicFile, fsync_dir, write_text
+from .checkpoint import _version
 from .layers import LoraLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .targeting import global_module_names
@@ -294,7 +294,7 @@ class _ShardWriter:
         self.shards = _shards(plan, max_bytes)
         self.names = [f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors" for i in range(len(self.shards))]
         self.shard_of = {i: s for s, members in enumerate(self.shards) for i in members}
-        self.handle, self.tmp, self.error = None, None, None
+        self.handle, self.error = None, None
         self.total_size = sum(_nbytes(shape, dtype) for _, shape, dtype, _ in plan)
 
     def write(self, index: int, tensor: torch.Tensor) -> None:
@@ -304,24 +304,17 @@ class _ShardWriter:
             shard = self.shard_of[index]
             if index == self.shards[shard][0]:
                 header = _header([self.plan[i][:3] for i in self.shards[shard]])
-                fd, self.tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{self.names[shard]}.", suffix=".tmp")
-                os.fchmod(fd, 0o644)
-                self.handle = os.fdopen(fd, "wb")
+                self.handle = AtomicFile(os.path.join(self.directory, self.names[shard]), sync_dir=False)
                 self.handle.write(header)
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             self.handle.write(memoryview(data))
             if index == self.shards[shard][-1]:
-                self.handle.flush()
-                os.fsync(self.handle.fileno())
-                self.handle.close()
-                os.replace(self.tmp, os.path.join(self.directory, self.names[shard]))
-                self.handle, self.tmp = None, None
+                self.handle.commit()
+                self.handle = None
         except OSError as exc:  # keep receiving, so that no sender is left waiting
             self.error = f"writing the merged export to {self.directory!r} failed: {exc}"
             if self.handle is not None:
-                self.handle.close()
-            if self.tmp is not None and os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+                self.handle.abort()
 
     def finish(self, adapters: list[str]) -> None:
         if self.error:
@@ -332,11 +325,11 @@ class _ShardWriter:
             "weight_map": {key: self.names[self.shard_of[i]] for i, (key, _, _, _) in enumerate(self.plan)},
         }
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        _atomic_write(os.path.join(self.directory, INDEX_NAME), text.encode())
+        write_text(os.path.join(self.directory, INDEX_NAME), text)
         for name in os.listdir(self.directory):  # shards of an earlier export with another count
             if SHARD_PATTERN.fullmatch(name) and name not in self.names:
                 os.unlink(os.path.join(self.directory, name))
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
 
 # ---------------------------------------------------------------------- the API

@@ -233,7 +233,7 @@ import os, shutil, sys, time
 import torch
 from torch import nn
 import megalora
-from megalora import checkpoint
+from megalora import atomic_write
 
 point, path = sys.argv[1], sys.argv[2]
 
@@ -253,7 +253,7 @@ with torch.no_grad():
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.add_(1.0)
-checkpoint._WRITE_CHUNK = 64  # many small writes, so that one can stop half-way
+atomic_write._WRITE_CHUNK = 64  # many small writes, so that one can stop half-way
 calls = {"write": 0, "replace": 0}
 real_write, real_replace = os.write, os.replace
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as D
+from ..atomic_write import write_json
 from . import state as ckpt
 from .config import JobConfig, check_layout, data_parallel_size
 from .generate import greedy_generate
@@ -91,8 +92,7 @@ def _answer(chunks, data, cfg: JobConfig) -> str | None:
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path, "w") as handle:
-        json.dump(obj, handle, indent=1)
+    write_json(path, obj, indent=1)  # atomic: a killed job never leaves a torn summary
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as D
+from ..atomic_write import write_json, write_text
 
 LATEST = "latest"
 
@@ -89,12 +90,8 @@ def save(root: str, peft_model, optimizer: torch.optim.Optimizer, step: int, met
                os.path.join(path, f"rank_{_rank():05d}.pt"))
     _barrier()
     if _rank() == 0:
-        with open(os.path.join(path, "trainer.json"), "w") as handle:
-            json.dump(dict(meta, step=step), handle, indent=1)
-        tmp = os.path.join(root, f".{LATEST}.tmp")
-        with open(tmp, "w") as handle:
-            handle.write(os.path.basename(path))
-        os.replace(tmp, os.path.join(root, LATEST))
+        write_json(os.path.join(path, "trainer.json"), dict(meta, step=step), indent=1)
+        write_text(os.path.join(root, LATEST), os.path.basename(path))
     _barrier()
     return path
 
