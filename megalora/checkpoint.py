@@ -35,11 +35,10 @@ from safetensors.torch import save as safetensors_bytes
 
 from . import distributed as D
 from .atomic_write import remove_stale_temporaries, write_files
-from .config import LoraConfig
+from .config import CONFIG_NAME, LoraConfig
 from .adapter_entries import PREFIX, _adapter_entries  # noqa: F401 - PREFIX is part of this module's API
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def _version() -> str:
@@ -107,7 +106,7 @@ def write_adapter(directory: str, config: LoraConfig, state: dict[str, torch.Ten
     metadata = {"format": "pt", "megalora_version": _version(), "megalora_layout": json.dumps(_layout())}
     saved = config.copy() if hasattr(config, "copy") else config
     saved.inference_mode = True
-    weights_path, config_path = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, CONFIG_NAME)
+    weights_path, config_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME), os.path.join(directory, CONFIG_NAME)
     remove_stale_temporaries(weights_path)
     remove_stale_temporaries(config_path)
     write_files([(weights_path, safetensors_bytes(state, metadata=metadata)),
@@ -173,10 +172,10 @@ def read_adapter_config(model_id: str) -> LoraConfig:
 
 def read_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
     """Every tensor of a saved adapter. Only safetensors are read: nothing is unpickled."""
-    path = os.path.join(directory, WEIGHTS_NAME)
+    path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{path} not found: megalora loads adapters saved as {WEIGHTS_NAME} (pickle files are never read)"
+            f"{path} not found: megalora loads adapters saved as {ADAPTER_WEIGHTS_NAME} (pickle files are never read)"
         )
     with safe_open(path, framework="pt") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}

@@ -355,20 +355,6 @@ class LoraConfig:
 
     # -- behaviour the rest of megalora needs ------------------------------------------
 
-    def scaling_for(self, r: int, alpha: float) -> float:
-        """Returns the LoRA output scale for a layer with rank ``r`` and alpha ``alpha``.
-
-        Args:
-            r: The layer's rank (``r`` or its ``rank_pattern`` entry).
-            alpha: The layer's alpha (``lora_alpha`` or its ``alpha_pattern`` entry).
-
-        Returns:
-            ``alpha / sqrt(r)`` with ``use_rslora``, else ``alpha / r``.
-        """
-        if not _is_int(r) or r <= 0:
-            raise ValueError(f"scaling_for: r must be a positive int, got {r!r}")
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
     def raise_if_unimplemented(self) -> None:
         """Raises if the config asks for something megalora cannot do yet.
 

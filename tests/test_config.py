@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import math
 import os
 import warnings
 
@@ -378,14 +377,6 @@ def test_implemented_options_pass(init):
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def test_scaling_for():
-    assert LoraConfig().scaling_for(8, 16) == 2.0
-    assert LoraConfig(use_rslora=True).scaling_for(16, 8) == 2.0
-    assert math.isclose(LoraConfig(use_rslora=True).scaling_for(8, 16), 16 / math.sqrt(8))
-    with pytest.raises(ValueError, match="r"):
-        LoraConfig().scaling_for(0, 16)
 
 
 def test_copy_and_replace(transformer_config):

@@ -77,7 +77,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_layout(hf_config, tp: int, pp: int, vpp: Optional[int] = None, uneven_pp: bool = False) -> None:
+def check_layout_fits_model(hf_config, tp: int, pp: int, vpp: Optional[int] = None, uneven_pp: bool = False) -> None:
     """Raise a clear error, naming the layouts that fit, if ``tp``/``pp``/``vpp`` do not fit the model.
 
     Raises:
@@ -131,7 +131,7 @@ def megatron_config_from_hf(hf_config, **overrides: Any):
     (``params_dtype``, ``sequence_parallel``, ...).
 
     Raises:
-        ValueError: If the parallel layout does not fit the model (see :func:`check_layout`).
+        ValueError: If the parallel layout does not fit the model (see :func:`check_layout_fits_model`).
         NotImplementedError: For an unsupported architecture or option.
     """
     from megatron.core.transformer import TransformerConfig
@@ -167,7 +167,7 @@ def megatron_config_from_hf(hf_config, **overrides: Any):
                       layernorm_epsilon=float(hf_config.layer_norm_epsilon))
     kwargs.update(overrides)
     kwargs.setdefault("pipeline_dtype", kwargs["params_dtype"])  # pipeline p2p buffers
-    check_layout(hf_config, kwargs.get("tensor_model_parallel_size", 1), kwargs.get("pipeline_model_parallel_size", 1),
+    check_layout_fits_model(hf_config, kwargs.get("tensor_model_parallel_size", 1), kwargs.get("pipeline_model_parallel_size", 1),
                  kwargs.get("virtual_pipeline_model_parallel_size"),
                  uneven_pp=any(kwargs.get(f) is not None for f in _UNEVEN_PP_FIELDS))
     return TransformerConfig(**kwargs)
@@ -273,7 +273,7 @@ def build_gpt_from_hf(
     Every rank calls it (once per virtual pipeline chunk, with its
     ``vp_stage``, as megatron's ``get_model`` calls a model provider); it
     communicates only within the TP group. Call ``megalora.init_parallel``
-    first; the layout must fit the model (:func:`check_layout`).
+    first; the layout must fit the model (:func:`check_layout_fits_model`).
 
     Args:
         source: ``None`` (SmolLM2), a ``.gguf`` file or HF directory (converted

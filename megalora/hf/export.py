@@ -28,7 +28,7 @@ from .build import global_param_names, param_spec
 from .convert import hf_state_from_mcore
 from .models import clean_hf_config
 
-WEIGHTS_NAME = "model.safetensors"
+HF_WEIGHTS_NAME = "model.safetensors"
 
 
 def _is_peft_model(model) -> bool:
@@ -195,7 +195,7 @@ def save_hf_pretrained(model, directory: str, hf_config=None, tokenizer=None, me
             if arch_from_hf(hf_config).tied:
                 state.pop("lm_head.weight", None)
             os.makedirs(directory, exist_ok=True)
-            save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(state, os.path.join(directory, HF_WEIGHTS_NAME), metadata={"format": "pt"})
             config = clean_hf_config(hf_config)
             config.dtype = next(iter(state.values())).dtype
             config.save_pretrained(directory)

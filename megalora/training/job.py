@@ -19,7 +19,7 @@ import torch.distributed as dist
 from .. import distributed as D
 from ..atomic_write import write_json
 from . import state as ckpt
-from .config import JobConfig, check_layout, data_parallel_size
+from .config import JobConfig, check_batch_sizes, data_parallel_size
 from .generate import greedy_generate
 from .loop import StepResult, evaluate, make_optimizer, train_step, trainable_params
 from .models import build_chunks, hf_config_of, model_vocab_size
@@ -136,7 +136,7 @@ def _setup(cfg: JobConfig) -> _Run:
     # Read before init_distributed, which exports RANK & co. for whoever reads them next.
     launcher = megalora.launch_env.detect_launch_env(use_scontrol=False).source
     megalora.init_distributed()
-    check_layout(cfg, dist.get_world_size())
+    check_batch_sizes(cfg, dist.get_world_size())
     p = cfg.parallel
     megalora.init_parallel(p.tp, p.pp, virtual_pipeline_model_parallel_size=p.vpp, seed=cfg.train.seed)
     log = Log(dist.get_rank() == 0)

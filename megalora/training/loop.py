@@ -23,10 +23,8 @@ the same at every layout.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -162,13 +160,3 @@ def evaluate(chunks: list, batches: list[Batch], seq_length: int) -> float:
         for chunk, mode in zip(chunks, modes):
             chunk.train(mode)
     return loss_sum / max(tokens, 1.0)
-
-
-@contextlib.contextmanager
-def adapters_disabled(peft_model: Optional[object]):
-    """The base model alone inside the block (a no-op without adapters)."""
-    if peft_model is None:
-        yield
-        return
-    with peft_model.disable_adapter():
-        yield

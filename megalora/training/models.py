@@ -184,10 +184,10 @@ def check_model_fits(cfg: JobConfig) -> None:
     """
     if cfg.model.source != "hf":
         return
-    from ..hf.build import check_layout, weight_source
+    from ..hf.build import check_layout_fits_model, weight_source
 
     p = cfg.parallel
-    check_layout(weight_source(cfg.model.hf_path).hf_config, p.tp, p.pp, p.vpp)
+    check_layout_fits_model(weight_source(cfg.model.hf_path).hf_config, p.tp, p.pp, p.vpp)
 
 
 def build_chunks(cfg: JobConfig, vocab_size: int) -> list:

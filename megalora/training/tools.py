@@ -12,7 +12,7 @@ import os
 
 import torch.distributed as dist
 
-from .config import JobConfig, check_layout
+from .config import JobConfig, check_batch_sizes
 
 MERGED_WEIGHTS = "model.safetensors"
 
@@ -21,7 +21,7 @@ def _start(cfg: JobConfig) -> None:
     import megalora
 
     megalora.init_distributed()
-    check_layout(cfg, dist.get_world_size())
+    check_batch_sizes(cfg, dist.get_world_size())
     p = cfg.parallel
     megalora.init_parallel(p.tp, p.pp, virtual_pipeline_model_parallel_size=p.vpp, seed=cfg.train.seed)
 
@@ -201,12 +201,12 @@ def inspect_adapter(directory: str) -> dict:
     """Modules, ranks, shapes, sizes and the source layout of a saved adapter (files only)."""
     from safetensors import safe_open
 
-    from ..checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+    from ..checkpoint import ADAPTER_WEIGHTS_NAME, CONFIG_NAME, PREFIX
 
-    weights = os.path.join(directory, WEIGHTS_NAME)
+    weights = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights} not found: pass a folder written by save_pretrained "
-                                f"(it holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+                                f"(it holds {CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})")
     config = {}
     if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         with open(os.path.join(directory, CONFIG_NAME)) as handle:
