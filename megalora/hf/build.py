@@ -32,20 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as D
+from ..megatron_config import cpu_friendly_config_kwargs
 from ..targeting import global_module_names
 from .arch import arch_from_hf
 from .convert import HFModelSource, WeightSource, source_name
 from .models import clean_hf_config, is_hf_model, resolve_files
 
-# megatron-core's fused kernels need CUDA (or apex/TE); the unfused paths compute the same.
-_UNFUSED = dict(
-    bias_activation_fusion=False,
-    bias_dropout_fusion=False,
-    masked_softmax_fusion=False,
-    apply_rope_fusion=False,
-    gradient_accumulation_fusion=False,
-    persist_layer_norm=False,
-)
 _UNEVEN_PP_FIELDS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
                      "pipeline_model_parallel_layout")
 
@@ -147,9 +139,7 @@ def megatron_config_from_hf(hf_config, **overrides: Any):
         add_qkv_bias=arch.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        **_UNFUSED,
+        **cpu_friendly_config_kwargs(),
         **_parallel_sizes(),
     )
     if arch.model_type == "llama":

@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as D
+from ..megatron_config import cpu_friendly_config_kwargs
 from ..targeting import global_module_names
 from .config import JobConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_UNFUSED = dict(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-                apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
 
 
 def dtype_of(cfg: JobConfig) -> torch.dtype:
@@ -96,9 +95,8 @@ def gpt_transformer_config(cfg: JobConfig):
         virtual_pipeline_model_parallel_size=p.vpp, sequence_parallel=p.sp,
         # perform_initialization stays on: with it off, megatron-core never tags its
         # TP weights (tensor_model_parallel, partition_dim), and sharding them breaks.
-        use_cpu_initialization=not torch.cuda.is_available(),
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        **_UNFUSED,
+        pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        **cpu_friendly_config_kwargs(params_dtype=dtype, use_cpu_initialization=not torch.cuda.is_available()),
     )
 
 
