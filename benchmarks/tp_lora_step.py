@@ -38,7 +38,7 @@ Method:
   tracemalloc cannot see for torch tensors. Beside it, "saved act" is the
   exact size of the tensors autograd keeps for backward in one forward.
 * Collectives: one more step per configuration under
-  ``megalora.distributed.count_collectives``.
+  ``megalora.testing.collective_counter.count_collectives``.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def _init(rank: int, args) -> None:
 
 def time_worker(rank: int, args, out_path: str) -> None:
     """Build every configuration, time interleaved steps, count collectives."""
-    from megalora.distributed import count_collectives
+    from megalora.testing.collective_counter import count_collectives
 
     _init(rank, args)
     batch = make_batch(args)

@@ -21,7 +21,7 @@ def sync_lora_grads(model) -> int:
     Returns:
         The number of parameters whose gradient was reduced.
     """
-    from . import distributed as D
+    from .grad_sync import sync_replicated_grads
     from .layers import LoraLayer
 
     groups: dict = {}
@@ -29,7 +29,7 @@ def sync_lora_grads(model) -> int:
         for module in chunk.modules():
             if isinstance(module, LoraLayer) and module.tp_size > 1:
                 groups.setdefault(module.tp_group, []).extend(module.parameters())
-    return sum(D.sync_replicated_grads(params, group) for group, params in groups.items())
+    return sum(sync_replicated_grads(params, group) for group, params in groups.items())
 
 
 __all__ = [

@@ -1,9 +1,9 @@
 """Which tensors make up an adapter on disk, under which PEFT key, sharded how.
 
 One place for the rule: LoRA factors by their layer's
-:class:`~megalora.distributed.ShardSpec`, ``modules_to_save`` copies and the
+:class:`~megalora.sharding.ShardSpec`, ``modules_to_save`` copies and the
 model biases that ``bias="all"`` / ``"lora_only"`` save by megatron-core's own
-TP attributes (:func:`~megalora.distributed.param_shard_spec`). Keys are PEFT's,
+TP attributes (:func:`~megalora.sharding.param_shard_spec`). Keys are PEFT's,
 on global module names.
 """
 
@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from . import distributed as D
+from .parallel_groups import model_tp_group
+from .sharding import FULL, ShardSpec, param_shard_spec
 from .layers import LoraLayer
 from .targeting import global_module_names
 
@@ -24,24 +25,24 @@ def _fc1_chunks(module, global_name: str) -> int:
     """2 for a gated ``linear_fc1`` (or a module inside it: its base layer, a saved copy), else 1.
 
     Rank ``k`` of a gated fc1 holds ``[gate_k; up_k]``, so its dim-0 tensors are
-    two blocks sharded separately (see :class:`~megalora.distributed.ShardSpec`).
+    two blocks sharded separately (see :class:`~megalora.sharding.ShardSpec`).
     """
     config = getattr(module, "config", None)
     return 2 if "linear_fc1" in global_name.split(".") and bool(getattr(config, "gated_linear_unit", False)) else 1
 
 
-def _base_tensor_spec(module, global_name: str, tensor: torch.Tensor) -> D.ShardSpec:
+def _base_tensor_spec(module, global_name: str, tensor: torch.Tensor) -> ShardSpec:
     """How a model (non-LoRA) tensor is sharded: megatron-core's own TP attributes on it."""
-    return D.param_shard_spec(tensor, _fc1_chunks(module, global_name))
+    return param_shard_spec(tensor, _fc1_chunks(module, global_name))
 
 
-def _saved_module_entries(wrapper, adapter: str, global_name: str) -> list[tuple[str, torch.Tensor, D.ShardSpec]]:
+def _saved_module_entries(wrapper, adapter: str, global_name: str) -> list[tuple[str, torch.Tensor, ShardSpec]]:
     """``(saved suffix, local tensor, spec)`` for a ``modules_to_save`` copy's parameters."""
     copy = wrapper.modules_to_save[adapter]
     return [(pname, p, _base_tensor_spec(copy, global_name, p)) for pname, p in copy.named_parameters()]
 
 
-def _layer_entries(layer: LoraLayer, adapter: str) -> list[tuple[str, torch.Tensor, D.ShardSpec]]:
+def _layer_entries(layer: LoraLayer, adapter: str) -> list[tuple[str, torch.Tensor, ShardSpec]]:
     """``(saved suffix, local tensor, spec)`` for each of one adapter's tensors on a layer."""
     out = [
         ("lora_A.weight", layer.lora_A[adapter].weight, layer.a_spec),
@@ -49,7 +50,7 @@ def _layer_entries(layer: LoraLayer, adapter: str) -> list[tuple[str, torch.Tens
     ]
     bias = layer.lora_B[adapter].bias
     if bias is not None:
-        out.append(("lora_B.bias", bias, layer.b_spec if layer.b_spec.dim == 0 else D.FULL))
+        out.append(("lora_B.bias", bias, layer.b_spec if layer.b_spec.dim == 0 else FULL))
     if adapter in layer.lora_magnitude_vector:
         out.append(("lora_magnitude_vector", layer.lora_magnitude_vector[adapter].weight, layer.magnitude_spec))
     return out
@@ -98,7 +99,7 @@ def _bias_entries(peft_model, adapter: str, names: dict):
         if bias is None or any(f".{a}." in f".{key}" or key.endswith(f".{a}") for a in others):
             continue
         group = getattr(module, "tp_group", None)
-        group = D.model_tp_group() if group is None else group
+        group = model_tp_group() if group is None else group
         yield PREFIX + _strip_adapter_name(key, adapter), bias, _base_tensor_spec(module, name, bias), group
 
 
@@ -121,7 +122,7 @@ def _adapter_entries(peft_model, adapter: str):
         elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             for suffix, tensor, spec in _saved_module_entries(module, adapter, names[local_name]):
                 seen.add(f"{PREFIX}{names[local_name]}.{suffix}")
-                yield f"{PREFIX}{names[local_name]}.{suffix}", tensor, spec, D.model_tp_group()
+                yield f"{PREFIX}{names[local_name]}.{suffix}", tensor, spec, model_tp_group()
     for key, tensor, spec, group in _bias_entries(peft_model, adapter, names):
         if key not in seen:
             seen.add(key)

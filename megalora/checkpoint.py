@@ -7,7 +7,7 @@ TP rank 0 of the first data-parallel replica of every pipeline stage (all
 virtual chunks of a stage live on the same ranks) sends its stage's tensors to
 global rank 0, which alone writes. Loading reads the full tensors on every
 rank and keeps this rank's slice, with the same
-:class:`~megalora.distributed.ShardSpec` the init uses.
+:class:`~megalora.sharding.ShardSpec` the init uses.
 
 Both files are first written to temporary files in the target directory and
 fsynced, then renamed over the old ones (tensors first, config last), so a
@@ -33,7 +33,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from . import distributed as D
+from .collectives import agree_or_raise, all_gather_objects, gather_objects, group_rank, group_size
+from .parallel_groups import is_stage_writer, megatron_parallel_state
+from .sharding import gather_full
 from .atomic_write import remove_stale_temporaries, write_files
 from .config import CONFIG_NAME, LoraConfig
 from .adapter_entries import PREFIX, _adapter_entries  # noqa: F401 - PREFIX is part of this module's API
@@ -48,7 +50,7 @@ def _version() -> str:
 
 
 def _layout() -> dict:
-    ps = D._parallel_state()
+    ps = megatron_parallel_state()
     world = dist.get_world_size() if dist.is_initialized() else 1
     if ps is None:
         return {"world_size": world}
@@ -64,7 +66,7 @@ def adapter_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:
     """Collective over each TP group: this stage's full tensors of ``adapter``, PEFT keys, on the CPU."""
     state = {}
     for key, tensor, spec, group in _adapter_entries(peft_model, adapter):
-        full = D.gather_full(tensor.detach(), spec, group)
+        full = gather_full(tensor.detach(), spec, group)
         state[key] = full.to("cpu", copy=True).contiguous()
     return state
 
@@ -79,7 +81,7 @@ def _gather_stages(state: dict) -> tuple[Optional[dict], Optional[str]]:
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return state, None
-    parts = D.gather_objects(state if D.is_stage_writer() else {}, dst=0)
+    parts = gather_objects(state if is_stage_writer() else {}, dst=0)
     if parts is None:
         return None, None
     merged, clash = {}, []
@@ -149,7 +151,7 @@ def save_adapters(
             write_adapter(target, peft_model.peft_config[adapter], state)
         except OSError as exc:  # keep taking part in the other adapters' collectives
             error = f"saving adapter {adapter!r} to {target!r} failed on rank 0: {exc}"
-    D.agree_or_raise(error)
+    agree_or_raise(error)
 
 
 # ---------------------------------------------------------------------- loading
@@ -166,7 +168,7 @@ def read_adapter_config(model_id: str) -> LoraConfig:
         config = LoraConfig.from_pretrained(model_id)
     except (OSError, ValueError, TypeError, NotImplementedError) as exc:
         error = f"cannot use the adapter config in {model_id!r}: {exc}"
-    D.agree_or_raise(error)
+    agree_or_raise(error)
     return config
 
 
@@ -205,14 +207,14 @@ def _plan_load(peft_model, adapter: str, tensors: dict) -> tuple[list, set, list
             continue
         used.add(key)
         full = tensors[key]
-        world = D.group_size(group)
+        world = group_size(group)
         expected = list(param.shape)
         if spec.sharded:
             expected[spec.dim] *= world
         if list(full.shape) != expected:
             problems.append(_shape_problem(key, tuple(full.shape), tuple(expected)))
             continue
-        plan.append((param, spec.local(full, D.group_rank(group), world)))
+        plan.append((param, spec.local(full, group_rank(group), world)))
     return plan, used, problems
 
 
@@ -230,14 +232,14 @@ def load_adapter_weights(peft_model, directory: str, adapter: str) -> None:
         problems.append(f"cannot read the adapter tensors in {directory!r}: {exc}")
     if not problems:
         plan, used, problems = _plan_load(peft_model, adapter, tensors)
-    all_used = set().union(*D.all_gather_objects(used))
+    all_used = set().union(*all_gather_objects(used))
     unexpected = sorted(set(tensors) - all_used)
     if unexpected:
         problems.append(
             f"{len(unexpected)} tensor(s) in {directory} match no module of the model, e.g. {unexpected[:3]}; "
             "the adapter was made for another model, or its target_modules differ from the saved ones"
         )
-    D.agree_or_raise("; ".join(problems[:5]) if problems else None)
+    agree_or_raise("; ".join(problems[:5]) if problems else None)
     with torch.no_grad():
         for param, value in plan:
             param.copy_(value.to(dtype=param.dtype, device=param.device))

@@ -44,7 +44,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import distributed as D
+from .collectives import agree_or_raise, all_gather_objects, group_size, recv_tensors, send_tensors
+from .parallel_groups import is_first_replica, is_stage_writer, model_tp_group
+from .sharding import FULL, ShardSpec, gather_full, param_shard_spec
 from .atomic_write import AtomicFile, fsync_dir, write_text
 from .checkpoint import _version
 from .layers import LoraLayer
@@ -85,10 +87,10 @@ def _parse_size(size: Union[int, str]) -> int:
     return int(float(match.group(1)) * base ** "BKMGT".index(unit[0]))
 
 
-def _full_shape(local: torch.Tensor, spec: D.ShardSpec, group) -> tuple:
+def _full_shape(local: torch.Tensor, spec: ShardSpec, group) -> tuple:
     shape = list(local.shape)
     if spec.sharded:
-        shape[spec.dim] *= D.group_size(group)
+        shape[spec.dim] *= group_size(group)
     return tuple(shape)
 
 
@@ -101,8 +103,8 @@ def _full_shape(local: torch.Tensor, spec: D.ShardSpec, group) -> tuple:
 # layer weight beyond the gathered one.
 
 
-def _gather(layer: LoraLayer, tensor: torch.Tensor, spec: D.ShardSpec) -> Optional[torch.Tensor]:
-    return D.gather_full(tensor.detach(), spec, layer.tp_group, dst=0)
+def _gather(layer: LoraLayer, tensor: torch.Tensor, spec: ShardSpec) -> Optional[torch.Tensor]:
+    return gather_full(tensor.detach(), spec, layer.tp_group, dst=0)
 
 
 def _delta(b: torch.Tensor, a: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -138,7 +140,7 @@ def _pristine(layer: LoraLayer, weight: torch.Tensor, merged: list) -> torch.Ten
     return weight
 
 
-def _merged_weight(layer: LoraLayer, adapters: list[str], spec: D.ShardSpec) -> Optional[torch.Tensor]:
+def _merged_weight(layer: LoraLayer, adapters: list[str], spec: ShardSpec) -> Optional[torch.Tensor]:
     """The full merged weight in the base layer's layout (``None`` off the TP group's rank 0)."""
     weight = _gather(layer, layer.base_weight_oi(), spec)
     factors = [_gather_adapter(layer, a) for a in adapters]
@@ -158,9 +160,9 @@ def _merged_weight(layer: LoraLayer, adapters: list[str], spec: D.ShardSpec) -> 
     return layer._to_base_layout(weight)
 
 
-def _merged_bias(layer: LoraLayer, adapters: list[str], spec: D.ShardSpec) -> Optional[torch.Tensor]:
+def _merged_bias(layer: LoraLayer, adapters: list[str], spec: ShardSpec) -> Optional[torch.Tensor]:
     bias = _gather(layer, layer.get_base_layer().bias, spec)
-    b_spec = layer.b_spec if layer.b_spec.dim == 0 else D.FULL
+    b_spec = layer.b_spec if layer.b_spec.dim == 0 else FULL
     extra = [(a, _gather(layer, layer.lora_B[a].bias, b_spec)) for a in adapters if layer.lora_bias.get(a)]
     if bias is None:
         return None
@@ -183,9 +185,9 @@ def _param_entries(params, prefix: str, gated: bool, group, dtype) -> list[_Entr
     for pname, param in params:
         if _is_tied_copy(param):
             continue
-        spec = D.param_shard_spec(param, 2 if gated else 1)
+        spec = param_shard_spec(param, 2 if gated else 1)
         out.append(_Entry(f"{prefix}{pname}", _full_shape(param, spec, group), dtype or param.dtype,
-                          lambda p=param, s=spec: D.gather_full(p.detach(), s, group, dst=0)))
+                          lambda p=param, s=spec: gather_full(p.detach(), s, group, dst=0)))
     return out
 
 
@@ -200,7 +202,7 @@ def _lora_entries(layer: LoraLayer, prefix: str, adapters, dtype, problems: list
     chunks = layer.b_spec.chunks
     out = []
     for pname, param in base.named_parameters(recurse=False):
-        spec = D.param_shard_spec(param, chunks)
+        spec = param_shard_spec(param, chunks)
         key = f"{prefix}{pname}"
         if _is_tied_copy(param):
             if todo and pname == "weight":
@@ -229,7 +231,7 @@ def _local_entries(peft_model, adapters: list[str], dtype, problems: list) -> li
     """This rank's exported tensors, sorted naturally by name."""
     model = peft_model.base_model.model
     names = global_module_names(model)
-    tp_group = D.model_tp_group()
+    tp_group = model_tp_group()
     entries, skip = [], []
     for local_name, module in model.named_modules():
         if any(local_name.startswith(p) for p in skip):
@@ -376,9 +378,9 @@ def export_merged(
     max_bytes = _parse_size(max_shard_size)
     rank = dist.get_rank() if dist.is_initialized() else 0
     problems: list[str] = []
-    entries = _local_entries(peft_model, adapters, dtype, problems) if D.is_first_replica() else []
-    listed = [(e.key, e.shape, e.dtype, rank) for e in entries] if D.is_stage_writer() else []
-    parts = D.all_gather_objects(listed)
+    entries = _local_entries(peft_model, adapters, dtype, problems) if is_first_replica() else []
+    listed = [(e.key, e.shape, e.dtype, rank) for e in entries] if is_stage_writer() else []
+    parts = all_gather_objects(listed)
     plan, error = [], "; ".join(problems[:3]) or None
     if rank == 0:
         plan = sorted((x for part in parts for x in part), key=lambda x: _natural(x[0]))
@@ -393,15 +395,15 @@ def export_merged(
             os.makedirs(save_directory, exist_ok=True)
         except OSError as exc:
             error = error or f"cannot create save_directory {save_directory!r}: {exc}"
-    D.agree_or_raise(error)
+    agree_or_raise(error)
 
     if rank != 0:
         for entry in entries:
             full = entry.make()  # None off the TP group's rank 0
-            if D.is_stage_writer():
-                D.send_tensors([full.to(entry.dtype)], 0, None)
+            if is_stage_writer():
+                send_tensors([full.to(entry.dtype)], 0, None)
             del full
-        D.agree_or_raise(None)
+        agree_or_raise(None)
         return None
 
     writer = _ShardWriter(save_directory, plan, max_bytes)
@@ -413,7 +415,7 @@ def export_merged(
             entry = next(mine)
             full = entry.make().to(entry.dtype)
         else:
-            full = D.recv_tensors([(shape, tensor_dtype)], owner, None)[0]
+            full = recv_tensors([(shape, tensor_dtype)], owner, None)[0]
         writer.write(i, full)
         del full
     if not writer.error:
@@ -421,5 +423,5 @@ def export_merged(
             writer.finish(adapters)
         except OSError as exc:
             writer.error = f"writing {INDEX_NAME} to {save_directory!r} failed: {exc}"
-    D.agree_or_raise(writer.error)
+    agree_or_raise(writer.error)
     return {"files": writer.names + [INDEX_NAME], "total_size": writer.total_size, "num_tensors": len(plan)}

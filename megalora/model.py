@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed as D
+from .collectives import all_gather_objects, all_reduce_sum, group_rank
+from .parallel_groups import megatron_parallel_state
 from .config import LoraConfig
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
 from .layers.modules_to_save import ModulesToSaveWrapper, unwrap
@@ -83,7 +84,7 @@ class LoraModel(nn.Module):
             self._replicate_layers(config.layer_replication)
         mcore = megatron_core_module(config.megatron_core)
         targets = find_targets(self.model, config, mcore)
-        if sum(D.all_gather_objects(len(targets))) == 0:
+        if sum(all_gather_objects(len(targets))) == 0:
             raise ValueError(describe_no_match(config))
         for target in targets:
             module = target.module
@@ -221,7 +222,7 @@ class LoraModel(nn.Module):
 
     def _unload(self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names) -> nn.Module:
         layers = self.lora_layers()
-        show = progressbar and D.group_rank(None) == 0
+        show = progressbar and group_rank(None) == 0
         for name, layer in tqdm(layers, desc=f"{'Unloading and merging' if merge else 'Unloading'} model",
                                 disable=not show):
             if merge:
@@ -370,9 +371,10 @@ class PeftModel(nn.Module):
         pipeline stage's copy of a tied embedding (``shared``) not at all;
         pipeline stages are summed, data-parallel replicas are not.
         """
-        from . import distributed as D
+        from .collectives import all_reduce_sum
+        from .parallel_groups import megatron_parallel_state
 
-        ps = D._parallel_state()
+        ps = megatron_parallel_state()
         tp_rank = ps.get_tensor_model_parallel_rank() if ps is not None else 0
         trainable = total = 0
         for _, param in self.named_parameters():
@@ -386,7 +388,7 @@ class PeftModel(nn.Module):
         if ps is None:
             return trainable, total
         counts = torch.tensor([trainable, total], dtype=torch.int64)
-        D.all_reduce_sum(counts, ps.get_model_parallel_group())
+        all_reduce_sum(counts, ps.get_model_parallel_group())
         return int(counts[0]), int(counts[1])
 
     def print_trainable_parameters(self) -> None:

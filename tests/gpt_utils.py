@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megalora.distributed import ShardSpec
+from megalora.sharding import ShardSpec
 from megalora.megatron_config import cpu_friendly_config_kwargs
 
 VOCAB = 128

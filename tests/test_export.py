@@ -50,7 +50,8 @@ def _read_export(directory: str) -> dict:
 
 def _full_weights(chunks) -> dict:
     """Collective: the plain (merged) model's full weights by global name, on every rank."""
-    from megalora import distributed as D
+    from megalora.parallel_groups import is_stage_writer, model_tp_group
+    from megalora.sharding import gather_full, param_shard_spec
     from megalora.targeting import global_module_names
 
     local = {}
@@ -59,8 +60,8 @@ def _full_weights(chunks) -> dict:
         for mname, module in chunk.named_modules():
             gated = mname.endswith("linear_fc1")
             for pname, param in module.named_parameters(recurse=False):
-                full = D.gather_full(param.detach(), D.param_shard_spec(param, 2 if gated else 1), D.model_tp_group())
-                if D.is_stage_writer():
+                full = gather_full(param.detach(), param_shard_spec(param, 2 if gated else 1), model_tp_group())
+                if is_stage_writer():
                     local[f"{names[mname]}.{pname}" if names[mname] else pname] = full.clone()
     return U.everywhere(local)
 
@@ -78,7 +79,7 @@ def _adapted(model):
 
 def _export_body(root: str):
     import megalora
-    from megalora.distributed import count_collectives
+    from megalora.testing.collective_counter import count_collectives
     from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()

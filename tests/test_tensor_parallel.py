@@ -160,7 +160,7 @@ def test_merge_unmerge_under_tp(dist2, use_dora):
 
 
 def _collectives_body(sp):
-    from megalora.distributed import count_collectives
+    from megalora.testing.collective_counter import count_collectives
 
     model, _ = _build(2, sp, True)
     batch = G.batches(1)[0]

@@ -31,7 +31,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import distributed as D
+from ..collectives import agree_or_raise
+from ..sharding import ShardSpec, param_shard_spec
 from ..megatron_config import cpu_friendly_config_kwargs
 from ..targeting import global_module_names
 from .arch import arch_from_hf
@@ -199,9 +200,9 @@ def weight_source(source=None) -> WeightSource:
     return cached_source(resolve_files(source))
 
 
-def param_spec(name: str, param: torch.Tensor, gated: bool) -> D.ShardSpec:
+def param_spec(name: str, param: torch.Tensor, gated: bool) -> ShardSpec:
     """The shard spec of a megatron parameter; rank k of a gated fc1 holds ``[gate_k; up_k]``."""
-    return D.param_shard_spec(param, chunks=2 if gated and name.rpartition(".")[0].endswith("mlp.linear_fc1") else 1)
+    return param_shard_spec(param, chunks=2 if gated and name.rpartition(".")[0].endswith("mlp.linear_fc1") else 1)
 
 
 def global_param_names(model: torch.nn.Module) -> dict[str, str]:
@@ -236,7 +237,7 @@ def load_shards(model: torch.nn.Module, source: WeightSource) -> None:
             problems.append(f"the model has {name} but the HF {source.arch.model_type} model has no such tensor")
             continue
         plan.append((name, param, param_spec(name, param, gated)))
-    D.agree_or_raise("; ".join(problems[:4]) if problems else None, group)
+    agree_or_raise("; ".join(problems[:4]) if problems else None, group)
     with torch.no_grad():
         for name, param, spec in plan:
             value = source.local(name, spec, rank, world)
@@ -246,7 +247,7 @@ def load_shards(model: torch.nn.Module, source: WeightSource) -> None:
                 )
                 continue
             param.copy_(value.to(dtype=param.dtype, device=param.device))
-    D.agree_or_raise("; ".join(problems[:4]) if problems else None, group)
+    agree_or_raise("; ".join(problems[:4]) if problems else None, group)
 
 
 def build_gpt_from_hf(

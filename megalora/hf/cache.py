@@ -26,7 +26,7 @@ import os
 import re
 import time
 
-from .. import distributed as D
+from ..collectives import group_rank
 from ..atomic_write import atomic_path, write_text
 from .arch import arch_from_hf
 from .convert import SafetensorsSource, mcore_state_from_hf
@@ -119,7 +119,7 @@ def cached_source(files: ModelFiles, wait_s: float = WAIT_S) -> SafetensorsSourc
     path = cache_path(files)
     if os.path.isfile(path):
         return open_cached(path)
-    if D.group_rank(None) == 0:
+    if group_rank(None) == 0:
         if os.path.exists(_error_path(path)):
             os.unlink(_error_path(path))
         try:

@@ -21,7 +21,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import distributed as D
+from ..collectives import broadcast_object, gather_objects
+from ..parallel_groups import is_stage_writer
+from ..sharding import gather_full
 from ..layers import LoraLayer
 from .arch import arch_from_hf
 from .build import global_param_names, param_spec
@@ -100,7 +102,7 @@ def gather_stages(state: dict) -> Optional[dict]:
 
     Only one rank per stage (TP rank 0 of the first data-parallel replica) sends.
     """
-    parts = D.gather_objects(state if D.is_stage_writer() else {})
+    parts = gather_objects(state if is_stage_writer() else {})
     if parts is None:
         return None
     merged = {}
@@ -127,7 +129,7 @@ def _stage_state(chunks: list[nn.Module]) -> dict[str, torch.Tensor]:
                     "exporting modules_to_save to HF is not supported; call merge_and_unload() and export the result"
                 )
             name = ".".join(p for p in names[local].split(".") if p != "base_layer")
-            full = D.gather_full(param.detach(), param_spec(name, param, gated), group)
+            full = gather_full(param.detach(), param_spec(name, param, gated), group)
             state[name] = full.to("cpu", copy=True).contiguous()
     return state
 
@@ -205,7 +207,7 @@ def save_hf_pretrained(model, directory: str, hf_config=None, tokenizer=None, me
             share_files(directory)
         except Exception as exc:  # re-raised on every rank below
             error = f"writing the HF model to {directory} failed: {type(exc).__name__}: {exc}"
-    error = D.broadcast_object(error)
+    error = broadcast_object(error)
     if error is not None:
         raise RuntimeError(error)
     return directory

@@ -8,7 +8,7 @@ against ``peft.tuners.lora.LoraLayer`` reads the same.
 
 A variant (plain, column-parallel, row-parallel, TE) mostly declares:
 
-* the shard spec of each factor (see :mod:`megalora.distributed`),
+* the shard spec of each factor (see :mod:`megalora.sharding`),
 * the base weight in ``[out, in]`` layout, and how to add a tensor to it,
 * its forward, and where a DoRA weight norm needs a reduction.
 
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as D
+from ..collectives import group_rank, group_size
+from ..sharding import FULL, ShardSpec
 
 
 class LoraFactor(nn.Linear):
@@ -118,9 +119,9 @@ class LoraLayer(nn.Module):
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
 
-    a_spec: D.ShardSpec = D.FULL
-    b_spec: D.ShardSpec = D.FULL
-    magnitude_spec: D.ShardSpec = D.FULL
+    a_spec: ShardSpec = FULL
+    b_spec: ShardSpec = FULL
+    magnitude_spec: ShardSpec = FULL
     # Whether B's output is a partial sum that the base layer reduces later;
     # lora_bias must then be added after that reduction, not before.
     b_output_is_partial = False
@@ -165,7 +166,7 @@ class LoraLayer(nn.Module):
         """The RNG context dropout on this layer's LoRA input runs in."""
         return contextlib.nullcontext()
 
-    def _factor_weight(self, factor: nn.Module, spec: D.ShardSpec) -> torch.Tensor:
+    def _factor_weight(self, factor: nn.Module, spec: ShardSpec) -> torch.Tensor:
         """The weight a forward uses; parallel variants pre-scale replicated grads."""
         return factor.weight
 
@@ -185,13 +186,13 @@ class LoraLayer(nn.Module):
 
     @property
     def tp_rank(self) -> int:
-        return D.group_rank(self.tp_group)
+        return group_rank(self.tp_group)
 
     @property
     def tp_size(self) -> int:
-        return D.group_size(self.tp_group)
+        return group_size(self.tp_group)
 
-    def local(self, full: torch.Tensor, spec: D.ShardSpec) -> torch.Tensor:
+    def local(self, full: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
         return spec.local(full, self.tp_rank, self.tp_size)
 
     # ------------------------------------------------------------------ adapters
@@ -249,7 +250,7 @@ class LoraLayer(nn.Module):
         ref = next(self.get_base_layer().parameters(), None)
         floating = ref is not None and ref.is_floating_point()
         like = dict(dtype=ref.dtype if floating else torch.float32, device=ref.device if ref is not None else "cpu")
-        bias_spec = self.b_spec if self.b_spec.dim == 0 else D.FULL
+        bias_spec = self.b_spec if self.b_spec.dim == 0 else FULL
         self.lora_A[adapter_name] = LoraFactor(self.local(a, self.a_spec).to(**like))
         self.lora_B[adapter_name] = LoraFactor(
             self.local(b, self.b_spec).to(**like), None if bias is None else self.local(bias, bias_spec).to(**like)

@@ -1,6 +1,6 @@
 """LoRA on megatron-core's tensor-parallel linear layers.
 
-The sharding rule (see :mod:`megalora.distributed`):
+The sharding rule (see :mod:`megalora.sharding`):
 
 ==================  =================  ===================  =================
 base layer          A ``[r, in]``      B ``[out, r]``       DoRA magnitude
@@ -38,7 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as D
+from ..collectives import all_reduce_sum, group_rank
+from ..dist_checkpoint_tensors import sharded_tensor
+from ..grad_sync import mark_tp_replicated, mark_tp_sharded, scale_grad
+from ..sharding import FULL, ShardSpec
 from .base import LoraLayer
 
 
@@ -126,10 +129,10 @@ class _ParallelLoraLayer(LoraLayer):
         base = self.get_base_layer()
         return bool(getattr(base, "sequence_parallel", False)) and not getattr(base, "explicit_expert_comm", False)
 
-    def _factor_weight(self, factor: nn.Module, spec: D.ShardSpec) -> torch.Tensor:
+    def _factor_weight(self, factor: nn.Module, spec: ShardSpec) -> torch.Tensor:
         if spec.sharded or self.tp_size == 1:
             return factor.weight
-        return D.scale_grad(factor.weight, float(self.tp_size))
+        return scale_grad(factor.weight, float(self.tp_size))
 
     def _base_and_lora(self, x2: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         """Base GEMM (bias folded in) plus every active adapter, for a 2-D ``x2``.
@@ -161,7 +164,7 @@ class _ParallelLoraLayer(LoraLayer):
     def _tag_parameters(self, adapter_name: str) -> None:
         specs = {
             "lora_A": (self.a_spec, self.a_spec),
-            "lora_B": (self.b_spec, self.b_spec if self.b_spec.dim == 0 else D.FULL),
+            "lora_B": (self.b_spec, self.b_spec if self.b_spec.dim == 0 else FULL),
             "lora_magnitude_vector": (self.magnitude_spec, self.magnitude_spec),
         }
         for layer_name, (weight_spec, bias_spec) in specs.items():
@@ -171,9 +174,9 @@ class _ParallelLoraLayer(LoraLayer):
             for pname, param in module[adapter_name].named_parameters():
                 spec = weight_spec if pname == "weight" else bias_spec
                 if spec.sharded:
-                    D.mark_tp_sharded(param, spec.dim, 1)
+                    mark_tp_sharded(param, spec.dim, 1)
                 else:
-                    D.mark_tp_replicated(param)
+                    mark_tp_replicated(param)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict = None) -> dict:
         """megatron-core distributed checkpointing: the base layer's tensors, then every adapter's.
@@ -182,7 +185,7 @@ class _ParallelLoraLayer(LoraLayer):
         base-model checkpoint loads into the adapted model; the dict keys follow
         this module's ``state_dict`` (``<prefix>base_layer.weight``), so
         ``load_state_dict`` takes what ``dist_checkpointing.load`` returns.
-        Each factor is one :func:`~megalora.distributed.sharded_tensor` under
+        Each factor is one :func:`~megalora.dist_checkpoint_tensors.sharded_tensor` under
         ``<prefix>lora_A.<adapter>.weight`` with its own shard spec: sharded
         factors are written by every TP rank, replicated ones once, and a gated
         ``linear_fc1``'s B (and base weight) in the canonical ``[gate; up]``
@@ -203,18 +206,18 @@ class _ParallelLoraLayer(LoraLayer):
 
                 value = apply_swiglu_sharded_factory(value, sharded_offsets, singleton)
             out[f"{prefix}base_layer.{leaf}"] = value
-        dp_rank = D.group_rank(metadata["dp_cp_group"])
-        bias_spec = self.b_spec if self.b_spec.dim == 0 else D.FULL
+        dp_rank = group_rank(metadata["dp_cp_group"])
+        bias_spec = self.b_spec if self.b_spec.dim == 0 else FULL
         for layer_name, weight_spec, b_spec in (
-            ("lora_A", self.a_spec, D.FULL),
+            ("lora_A", self.a_spec, FULL),
             ("lora_B", self.b_spec, bias_spec),
-            ("lora_magnitude_vector", self.magnitude_spec, D.FULL),
+            ("lora_magnitude_vector", self.magnitude_spec, FULL),
         ):
             for adapter, module in getattr(self, layer_name).items():
                 for pname, param in module.named_parameters():
                     key = f"{prefix}{layer_name}.{adapter}.{pname}"
                     spec = weight_spec if pname == "weight" else b_spec
-                    out[key] = D.sharded_tensor(
+                    out[key] = sharded_tensor(
                         param, key, spec, self.tp_rank, self.tp_size, dp_rank, tuple(sharded_offsets), singleton
                     )
         return out
@@ -231,8 +234,8 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
 
     def __init__(self, base_layer: nn.Module, out_chunks: int = 1):
         super().__init__(base_layer)
-        self.b_spec = D.ShardSpec(dim=0, chunks=out_chunks)
-        self.magnitude_spec = D.ShardSpec(dim=0, chunks=out_chunks)
+        self.b_spec = ShardSpec(dim=0, chunks=out_chunks)
+        self.magnitude_spec = ShardSpec(dim=0, chunks=out_chunks)
 
     def _forward_active(self, x: torch.Tensor, weight=None, runtime_gather_output=None):
         base = self.get_base_layer()
@@ -262,7 +265,7 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
 class LoraRowParallelLinear(_ParallelLoraLayer):
     """LoRA on a ``RowParallelLinear``: A sharded on its input columns, B replicated."""
 
-    a_spec = D.ShardSpec(dim=1)
+    a_spec = ShardSpec(dim=1)
     b_output_is_partial = True
 
     def _dropout_context(self, adapter: str):
@@ -276,7 +279,7 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
         return get_cuda_rng_tracker().fork()
 
     def _reduce_row_norm_sq(self, norm_sq: torch.Tensor) -> torch.Tensor:
-        return D.all_reduce_sum(norm_sq, self.tp_group)
+        return all_reduce_sum(norm_sq, self.tp_group)
 
     def _forward_active(self, x: torch.Tensor):
         base = self.get_base_layer()
@@ -307,6 +310,6 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
                 bias = self.lora_B[adapter].bias
                 if self._sequence_parallel and self.tp_size > 1:
                     # Each rank adds it to its own sequence shard: a partial grad.
-                    bias = D.scale_grad(bias, float(self.tp_size))
+                    bias = scale_grad(bias, float(self.tp_size))
                 out = out + bias.to(out.dtype) * self.scaling[adapter]
         return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .. import distributed as D
+from ..collectives import agree_or_raise, broadcast_object
 from ..atomic_write import write_json
 from . import state as ckpt
 from .config import JobConfig, check_batch_sizes, data_parallel_size
@@ -70,8 +70,8 @@ def _prepare_data(cfg: JobConfig, log: Log) -> dict:
                            eos_id=tokenizer.eos_id, vocab=tokenizer.vocab_size)
         except (ValueError, OSError, ImportError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-    D.agree_or_raise(D.broadcast_object(error))
-    payload = D.broadcast_object(payload)
+    agree_or_raise(broadcast_object(error))
+    payload = broadcast_object(payload)
     payload["tokenizer"] = tokenizer  # rank 0 decodes the answers
     log(f"data: {len(payload['train'])} train / {len(payload['eval'])} eval examples, seq_length "
         f"{cfg.data.seq_length}, tokenizer {cfg.data.tokenizer}")
@@ -297,4 +297,4 @@ def run(cfg: JobConfig) -> dict:
                 r.log(f"loss curve: {r.summary['plot']}")
         _write_json(os.path.join(out, "summary.json"), r.summary)
     r.log(f"done in {r.summary['wall_seconds']:.1f}s; summary: {os.path.join(out, 'summary.json')}")
-    return D.broadcast_object(r.summary)
+    return broadcast_object(r.summary)

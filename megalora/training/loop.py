@@ -12,7 +12,7 @@ micro-batches, whose gradients accumulate. Then, in order:
    needs neither DDP buffers nor a CUDA device.
 2. The gradients are averaged over the data-parallel group.
 3. The global grad norm counts each TP-replicated parameter once
-   (:func:`megalora.distributed.grad_norm_fp32`) and clips all grads by it.
+   (:func:`megalora.training.grad_reduce.grad_norm_fp32`) and clips all grads by it.
 4. The LR for the step is set from the schedule, and AdamW steps.
 
 The loss of every micro-batch is the sum of its answer-token losses divided
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .. import distributed as D
+from ..collectives import all_reduce_sum, group_size
+from .grad_reduce import all_reduce_grads, grad_norm_fp32
 from ..data import Batch
 from .config import TrainSection
 
@@ -108,7 +109,7 @@ def run_schedule(chunks: list, batches: list[Batch], seq_length: int, forward_on
         for out in outputs:
             totals[0] += float(out["loss_sum"])
             totals[1] += float(out["tokens"])
-    D.all_reduce_sum(totals, dist.group.WORLD)  # None would mean "no group" to group_size
+    all_reduce_sum(totals, dist.group.WORLD)  # None would mean "no group" to group_size
     return float(totals[0]), float(totals[1])
 
 
@@ -130,16 +131,16 @@ def train_step(chunks: list, optimizer: torch.optim.Optimizer, batches: list[Bat
     for chunk in chunks:
         chunk.train()
     optimizer.zero_grad(set_to_none=True)
-    dp = D.group_size(groups["dp"])
+    dp = group_size(groups["dp"])
     # Megatron divides each micro-batch loss by their count; the DP average divides by dp.
     scale = len(batches) * dp / max(global_tokens, 1)
     loss_sum, tokens = run_schedule(chunks, batches, seq_length, forward_only=False, scale=scale)
 
     params = trainable_params(chunks)
     sync_lora_grads(chunks)
-    D.all_reduce_grads([p for p in params if getattr(p, "sequence_parallel", False)], groups["tp"])
-    D.all_reduce_grads(params, groups["dp"], average=True)
-    norm = D.grad_norm_fp32(params, groups["tp"], groups["mp"])
+    all_reduce_grads([p for p in params if getattr(p, "sequence_parallel", False)], groups["tp"])
+    all_reduce_grads(params, groups["dp"], average=True)
+    norm = grad_norm_fp32(params, groups["tp"], groups["mp"])
     clip_grads(params, t.clip_grad, norm)
     lr = lr_at(step, t)
     for group in optimizer.param_groups:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import distributed as D
+from ..sharding import param_shard_spec
 from ..megatron_config import cpu_friendly_config_kwargs
 from ..targeting import global_module_names
 from .config import JobConfig
@@ -130,7 +130,7 @@ def init_gpt_weights(model, cfg: JobConfig) -> None:
             if global_name == "output_layer.weight" and cfg.model.tie_embeddings:
                 global_name = "embedding.word_embeddings.weight"  # the last stage's tied copy
             chunks = 2 if cfg.model.gated_linear_unit and module.endswith("linear_fc1") else 1
-            spec = D.param_shard_spec(param, chunks=chunks)
+            spec = param_shard_spec(param, chunks=chunks)
             full_shape = list(param.shape)
             if spec.sharded:
                 full_shape[spec.dim] *= world

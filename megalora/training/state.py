@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .. import distributed as D
+from ..collectives import agree_or_raise
 from ..atomic_write import write_json, write_text
 
 LATEST = "latest"
@@ -128,7 +128,7 @@ def load(path: str, peft_model, optimizer: torch.optim.Optimizer, layout: dict) 
     with open(os.path.join(path, "trainer.json")) as handle:
         meta = json.load(handle)
     saved = meta.get("layout", {})
-    D.agree_or_raise(None if saved == layout else (
+    agree_or_raise(None if saved == layout else (
         f"train.resume: {path} was written at layout {saved}, this job runs at {layout}; the optimizer state is "
         "per shard, so resume at the same parallel.* and world size (the adapter in its adapter/ folder loads "
         "at any layout)"))

@@ -170,7 +170,7 @@ def describe_output(cfg: JobConfig, kind: str, output_dir: str) -> str:
 
 def generate_job(cfg: JobConfig, adapter_dir: str, prompt: str, max_new_tokens=None) -> str:
     """Collective: the greedy answer of base + adapter to ``prompt`` (the same string on every rank)."""
-    from .. import distributed as D
+    from ..collectives import agree_or_raise, broadcast_object
     from ..data import load_tokenizer
     from .generate import greedy_generate
     from .models import model_vocab_size
@@ -185,13 +185,13 @@ def generate_job(cfg: JobConfig, adapter_dir: str, prompt: str, max_new_tokens=N
             payload = (tokenizer.prompt_ids(prompt), tokenizer.eos_id, tokenizer.vocab_size)
         except (ValueError, OSError, ImportError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-    D.agree_or_raise(D.broadcast_object(error))
-    ids, eos, vocab = D.broadcast_object(payload)
+    agree_or_raise(broadcast_object(error))
+    ids, eos, vocab = broadcast_object(payload)
     steps = cfg.job.max_new_tokens if max_new_tokens is None else max_new_tokens
     out = greedy_generate(chunks, ids, steps, eos, min(vocab, model_vocab_size(chunks)),
                           sequence_parallel=cfg.parallel.sp)
     answer = tokenizer.decode(out).strip() if tokenizer is not None else None
-    return D.broadcast_object(answer)
+    return broadcast_object(answer)
 
 
 # ---------------------------------------------------------------------- inspect
