@@ -38,7 +38,7 @@ Method:
   tracemalloc cannot see for torch tensors. Beside it, "saved act" is the
   exact size of the tensors autograd keeps for backward in one forward.
 * Collectives: one more step per configuration under
-  ``megalora.distributed.count_collectives``.
+  ``megalora.testing.collective_counter.count_collectives``.
 """
 
 from __future__ import annotations
@@ -91,24 +91,19 @@ def gpt_config(args):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
+    from megalora.megatron_config import cpu_friendly_config_kwargs
+
     return TransformerConfig(
         num_layers=args.layers,
         hidden_size=args.hidden,
         num_attention_heads=args.heads,
         ffn_hidden_size=4 * args.hidden,
         tensor_model_parallel_size=args.tp,
-        use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         activation_func=F.gelu,
         add_bias_linear=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        params_dtype=torch.float32,
+        **cpu_friendly_config_kwargs(),
     )
 
 
@@ -287,7 +282,7 @@ def _init(rank: int, args) -> None:
 
 def time_worker(rank: int, args, out_path: str) -> None:
     """Build every configuration, time interleaved steps, count collectives."""
-    from megalora.distributed import count_collectives
+    from megalora.testing.collective_counter import count_collectives
 
     _init(rank, args)
     batch = make_batch(args)

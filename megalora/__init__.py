@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from .config import LoraConfig
 from .model import LoraModel, PeftModel, get_peft_model
-from .runtime import init_distributed, init_parallel
+from .parallel_start import init_distributed, init_parallel
 from .export import export_merged
 from .layers import register_lora_layer
 
@@ -22,7 +22,7 @@ def sync_lora_grads(model) -> int:
     Returns:
         The number of parameters whose gradient was reduced.
     """
-    from . import distributed as D
+    from .grad_sync import sync_replicated_grads
     from .layers import LoraLayer
 
     groups: dict = {}
@@ -30,7 +30,7 @@ def sync_lora_grads(model) -> int:
         for module in chunk.modules():
             if isinstance(module, LoraLayer) and module.tp_size > 1:
                 groups.setdefault(module.tp_group, []).extend(module.parameters())
-    return sum(D.sync_replicated_grads(params, group) for group, params in groups.items())
+    return sum(sync_replicated_grads(params, group) for group, params in groups.items())
 
 
 __all__ = [

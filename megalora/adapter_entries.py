@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import distributed as D
+from .parallel_groups import model_tp_group
 from .layers import LoraLayer
 from .layers.tensors import model_tensor_spec
 from .targeting import global_module_names
@@ -66,7 +66,7 @@ def _bias_entries(peft_model, adapter: str, names: dict):
         if bias is None or any(f".{a}." in f".{key}" or key.endswith(f".{a}") for a in others):
             continue
         group = getattr(module, "tp_group", None)
-        group = D.model_tp_group() if group is None else group
+        group = model_tp_group() if group is None else group
         yield PREFIX + _strip_adapter_name(key, adapter), bias, model_tensor_spec(module, name, bias), group
 
 

@@ -7,7 +7,7 @@ TP rank 0 of the first data-parallel replica of every pipeline stage (all
 virtual chunks of a stage live on the same ranks) sends its stage's tensors to
 global rank 0, which alone writes. Loading reads the full tensors on every
 rank and keeps this rank's slice, with the same
-:class:`~megalora.distributed.ShardSpec` the init uses.
+:class:`~megalora.sharding.ShardSpec` the init uses.
 
 Both files are first written to temporary files in the target directory and
 fsynced, then renamed over the old ones (tensors first, config last), so a
@@ -24,10 +24,8 @@ every rank before anything is written into the model.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import torch
@@ -35,14 +33,14 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from . import distributed as D
-from .config import LoraConfig
+from .collectives import agree_or_raise, all_gather_objects, gather_objects, group_rank, group_size
+from .parallel_groups import is_stage_writer, megatron_parallel_state
+from .sharding import gather_full
+from .atomic_write import remove_stale_temporaries, write_files
+from .config import CONFIG_NAME, LoraConfig
 from .adapter_entries import PREFIX, _adapter_entries  # noqa: F401 - PREFIX is part of this module's API
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
-# Bytes per write call: bounds each syscall, and lets a test stop a save half-way.
-_WRITE_CHUNK = 64 << 20
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def _version() -> str:
@@ -52,7 +50,7 @@ def _version() -> str:
 
 
 def _layout() -> dict:
-    ps = D._parallel_state()
+    ps = megatron_parallel_state()
     world = dist.get_world_size() if dist.is_initialized() else 1
     if ps is None:
         return {"world_size": world}
@@ -68,7 +66,7 @@ def adapter_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:
     """Collective over each TP group: this stage's full tensors of ``adapter``, PEFT keys, on the CPU."""
     state = {}
     for key, tensor, spec, group in _adapter_entries(peft_model, adapter):
-        full = D.gather_full(tensor.detach(), spec, group)
+        full = gather_full(tensor.detach(), spec, group)
         state[key] = full.to("cpu", copy=True).contiguous()
     return state
 
@@ -83,7 +81,7 @@ def gather_stages(state: dict) -> tuple[Optional[dict], Optional[str]]:
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return state, None
-    parts = D.gather_objects(state if D.is_stage_writer() else {}, dst=0)
+    parts = gather_objects(state if is_stage_writer() else {}, dst=0)
     if parts is None:
         return None, None
     merged, clash = {}, []
@@ -100,49 +98,6 @@ def gather_stages(state: dict) -> tuple[Optional[dict], Optional[str]]:
 # ---------------------------------------------------------------------- files
 
 
-def _fsync_dir(directory: str) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _stage_file(path: str, data: bytes) -> str:
-    """Write ``data`` to a synced temporary file next to ``path``; return its name."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        view = memoryview(data)
-        for start in range(0, len(view), _WRITE_CHUNK):
-            chunk = view[start:start + _WRITE_CHUNK]
-            while chunk:
-                chunk = chunk[os.write(fd, chunk):]
-        os.fsync(fd)
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; adapters are meant to be shared
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    return tmp
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    os.replace(_stage_file(path, data), path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _remove_stale_temporaries(directory: str) -> None:
-    """Temporary files of saves that were killed before their rename."""
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        for stale in glob.glob(os.path.join(glob.escape(directory), f".{name}.*.tmp")):
-            try:
-                os.unlink(stale)
-            except FileNotFoundError:
-                pass
-
-
 def write_adapter(directory: str, config: LoraConfig, state: dict[str, torch.Tensor]) -> None:
     """Write PEFT's two files into ``directory``, each atomically.
 
@@ -150,22 +105,14 @@ def write_adapter(directory: str, config: LoraConfig, state: dict[str, torch.Ten
     replaced only once the new one is complete on disk.
     """
     os.makedirs(directory, exist_ok=True)
-    _remove_stale_temporaries(directory)
     metadata = {"format": "pt", "megalora_version": _version(), "megalora_layout": json.dumps(_layout())}
     saved = config.copy() if hasattr(config, "copy") else config
     saved.inference_mode = True
-    weights_path, config_path = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, CONFIG_NAME)
-    staged = []
-    try:
-        staged.append(_stage_file(weights_path, safetensors_bytes(state, metadata=metadata)))
-        staged.append(_stage_file(config_path, saved.to_json_string().encode()))
-    except BaseException:
-        for tmp in staged:
-            os.unlink(tmp)
-        raise
-    os.replace(staged[0], weights_path)
-    os.replace(staged[1], config_path)
-    _fsync_dir(directory)
+    weights_path, config_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME), os.path.join(directory, CONFIG_NAME)
+    remove_stale_temporaries(weights_path)
+    remove_stale_temporaries(config_path)
+    write_files([(weights_path, safetensors_bytes(state, metadata=metadata)),
+                 (config_path, saved.to_json_string().encode())])
 
 
 def save_adapters(
@@ -203,7 +150,7 @@ def save_adapters(
             write_adapter(target, peft_model.peft_config[adapter], state)
         except OSError as exc:  # keep taking part in the other adapters' collectives
             error = f"saving adapter {adapter!r} to {target!r} failed on rank 0: {exc}"
-    D.agree_or_raise(error)
+    agree_or_raise(error)
 
 
 # ---------------------------------------------------------------------- loading
@@ -220,16 +167,16 @@ def read_adapter_config(model_id: str) -> LoraConfig:
         config = LoraConfig.from_pretrained(model_id)
     except (OSError, ValueError, TypeError, NotImplementedError) as exc:
         error = f"cannot use the adapter config in {model_id!r}: {exc}"
-    D.agree_or_raise(error)
+    agree_or_raise(error)
     return config
 
 
 def read_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
     """Every tensor of a saved adapter. Only safetensors are read: nothing is unpickled."""
-    path = os.path.join(directory, WEIGHTS_NAME)
+    path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{path} not found: megalora loads adapters saved as {WEIGHTS_NAME} (pickle files are never read)"
+            f"{path} not found: megalora loads adapters saved as {ADAPTER_WEIGHTS_NAME} (pickle files are never read)"
         )
     with safe_open(path, framework="pt") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}
@@ -259,14 +206,14 @@ def _plan_load(peft_model, adapter: str, tensors: dict) -> tuple[list, set, list
             continue
         used.add(key)
         full = tensors[key]
-        world = D.group_size(group)
+        world = group_size(group)
         expected = list(param.shape)
         if spec.sharded:
             expected[spec.dim] *= world
         if list(full.shape) != expected:
             problems.append(_shape_problem(key, tuple(full.shape), tuple(expected)))
             continue
-        plan.append((param, spec.local(full, D.group_rank(group), world)))
+        plan.append((param, spec.local(full, group_rank(group), world)))
     return plan, used, problems
 
 
@@ -284,14 +231,14 @@ def load_adapter_weights(peft_model, directory: str, adapter: str) -> None:
         problems.append(f"cannot read the adapter tensors in {directory!r}: {exc}")
     if not problems:
         plan, used, problems = _plan_load(peft_model, adapter, tensors)
-    all_used = set().union(*D.all_gather_objects(used))
+    all_used = set().union(*all_gather_objects(used))
     unexpected = sorted(set(tensors) - all_used)
     if unexpected:
         problems.append(
             f"{len(unexpected)} tensor(s) in {directory} match no module of the model, e.g. {unexpected[:3]}; "
             "the adapter was made for another model, or its target_modules differ from the saved ones"
         )
-    D.agree_or_raise("; ".join(problems[:5]) if problems else None)
+    agree_or_raise("; ".join(problems[:5]) if problems else None)
     with torch.no_grad():
         for param, value in plan:
             param.copy_(value.to(dtype=param.dtype, device=param.device))

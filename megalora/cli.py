@@ -211,9 +211,9 @@ def _run_here_or_launch(args, argv: Sequence[str], body, precheck=None) -> int:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         body(cfg)
         return 0
-    from .training.config import check_layout
+    from .training.config import check_batch_sizes
 
-    check_layout(cfg, nproc)  # batch sizes against the data parallelism --nproc implies
+    check_batch_sizes(cfg, nproc)  # batch sizes against the data parallelism --nproc implies
     _precheck(args, cfg)
     if nproc == 1:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

@@ -15,10 +15,11 @@ import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+from .atomic_write import write_text
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "LORA"
@@ -437,24 +438,7 @@ class LoraConfig:
         os.makedirs(save_directory, exist_ok=True)
         text = self.to_json_string()
         path = os.path.join(save_directory, CONFIG_NAME)
-        fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=save_directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; adapter files are meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        if hasattr(os, "O_DIRECTORY"):  # persist the rename itself (POSIX only)
-            dir_fd = os.open(save_directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        write_text(path, text)
         return path
 
     @classmethod

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from . import distributed as D
+from .collectives import agree_or_raise
 from .targeting import ModelChunks
 
 
@@ -96,7 +96,7 @@ def save_adapter_dist_checkpoint(
                 error = f"checkpoint_dir {checkpoint_dir!r} is not empty; give a new or empty directory"
         except OSError as exc:
             error = f"cannot create checkpoint_dir {checkpoint_dir!r}: {exc}"
-    D.agree_or_raise(error)
+    agree_or_raise(error)
     dist_checkpointing.save(sharded, checkpoint_dir, **save_kwargs)
 
 
@@ -147,7 +147,7 @@ def load_adapter_dist_checkpoint(
     from megatron.core import dist_checkpointing
 
     sharded = adapter_sharded_state_dict(peft_model, adapter_names, metadata)
-    D.agree_or_raise(_check_against(checkpoint_dir, sharded))
+    agree_or_raise(_check_against(checkpoint_dir, sharded))
     loaded = dist_checkpointing.load(sharded, checkpoint_dir, **load_kwargs)
     params = dict(peft_model.base_model.model.named_parameters())
     with torch.no_grad():

@@ -48,7 +48,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed as D
+from .collectives import agree_or_raise, all_gather_objects, group_size, recv_tensors, send_tensors
+from .parallel_groups import is_first_replica, is_stage_writer, model_tp_group
+from .sharding import ShardSpec, gather_full, param_shard_spec
 from . import lora_math
 from .checkpoint import _version
 from .layers import LoraLayer, gated_chunks
@@ -71,10 +73,10 @@ def _natural(key: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
-def _full_shape(local: torch.Tensor, spec: D.ShardSpec, group) -> tuple:
+def _full_shape(local: torch.Tensor, spec: ShardSpec, group) -> tuple:
     shape = list(local.shape)
     if spec.sharded:
-        shape[spec.dim] *= D.group_size(group)
+        shape[spec.dim] *= group_size(group)
     return tuple(shape)
 
 
@@ -85,8 +87,8 @@ def _full_shape(local: torch.Tensor, spec: D.ShardSpec, group) -> tuple:
 # gathers and get ``None``.
 
 
-def _gather(layer: LoraLayer, tensor: torch.Tensor, spec: D.ShardSpec) -> Optional[torch.Tensor]:
-    return D.gather_full(tensor.detach(), spec, layer.tp_group, dst=0)
+def _gather(layer: LoraLayer, tensor: torch.Tensor, spec: ShardSpec) -> Optional[torch.Tensor]:
+    return gather_full(tensor.detach(), spec, layer.tp_group, dst=0)
 
 
 def _gather_adapter(layer: LoraLayer, adapter: str, norms: bool = False) -> Optional[dict]:
@@ -106,7 +108,7 @@ def _delta(f: dict) -> torch.Tensor:
     return lora_math.delta_weight(f["a"], f["b"], f["scale"])
 
 
-def _merged_weight(layer: LoraLayer, adapters: list[str], spec: D.ShardSpec) -> Optional[torch.Tensor]:
+def _merged_weight(layer: LoraLayer, adapters: list[str], spec: ShardSpec) -> Optional[torch.Tensor]:
     """The full merged weight in the base layer's layout (``None`` off the TP group's rank 0).
 
     One ΔW at a time, built into its own buffer: the extra memory is about
@@ -126,7 +128,7 @@ def _merged_weight(layer: LoraLayer, adapters: list[str], spec: D.ShardSpec) -> 
     return layer._to_base_layout(weight)
 
 
-def _merged_bias(layer: LoraLayer, adapters: list[str], spec: D.ShardSpec) -> Optional[torch.Tensor]:
+def _merged_bias(layer: LoraLayer, adapters: list[str], spec: ShardSpec) -> Optional[torch.Tensor]:
     bias = _gather(layer, layer.get_base_layer().bias, spec)
     extra = [(a, _gather(layer, e.param, e.spec)) for a in adapters for e in layer.tensors(a) if e.role == "B_bias"]
     if bias is None:
@@ -150,9 +152,9 @@ def _param_entries(params, prefix: str, chunks: int, group, dtype) -> list[_Entr
     for pname, param in params:
         if _is_tied_copy(param):
             continue
-        spec = D.param_shard_spec(param, chunks)
+        spec = param_shard_spec(param, chunks)
         out.append(_Entry(f"{prefix}{pname}", _full_shape(param, spec, group), dtype or param.dtype,
-                          lambda p=param, s=spec: D.gather_full(p.detach(), s, group, dst=0)))
+                          lambda p=param, s=spec: gather_full(p.detach(), s, group, dst=0)))
     return out
 
 
@@ -162,7 +164,7 @@ def _lora_entries(layer: LoraLayer, prefix: str, adapters, dtype, problems: list
     chunks = layer.out_chunks
     out = []
     for pname, param in base.named_parameters(recurse=False):
-        spec = D.param_shard_spec(param, chunks)
+        spec = param_shard_spec(param, chunks)
         key = f"{prefix}{pname}"
         if _is_tied_copy(param):
             if todo and pname == "weight":
@@ -190,7 +192,7 @@ def _lora_entries(layer: LoraLayer, prefix: str, adapters, dtype, problems: list
 def _local_entries(model: nn.Module, adapters: list[str], dtype, problems: list) -> list[_Entry]:
     """This rank's exported tensors, sorted naturally by name."""
     names = global_module_names(model)
-    tp_group = D.model_tp_group()
+    tp_group = model_tp_group()
     entries, skip = [], []
     for local_name, module in model.named_modules():
         if any(local_name.startswith(p) for p in skip):
@@ -287,9 +289,9 @@ def stream_merged(model, adapter_names: Optional[Sequence[str]], names, open_sin
     root, adapters = _root_and_adapters(model, adapter_names)
     rank = dist.get_rank() if dist.is_initialized() else 0
     problems: list[str] = []
-    entries = _local_entries(root, adapters, dtype, problems) if D.is_first_replica() else []
-    listed = [(e.key, e.shape, e.dtype, rank) for e in entries] if D.is_stage_writer() else []
-    parts = D.all_gather_objects(listed)
+    entries = _local_entries(root, adapters, dtype, problems) if is_first_replica() else []
+    listed = [(e.key, e.shape, e.dtype, rank) for e in entries] if is_stage_writer() else []
+    parts = all_gather_objects(listed)
     plan, sink, error = [], None, "; ".join(problems[:3]) or None
     if rank == 0:
         plan = sorted((x for part in parts for x in part), key=lambda x: _natural(x[0]))
@@ -307,15 +309,15 @@ def stream_merged(model, adapter_names: Optional[Sequence[str]], names, open_sin
                 sink = open_sink(outputs, adapters)
             except (OSError, ValueError) as exc:
                 error = str(exc)
-    D.agree_or_raise(error)
+    agree_or_raise(error)
 
     if rank != 0:
         for entry in entries:
             full = entry.make()  # None off the TP group's rank 0
-            if D.is_stage_writer():
-                D.send_tensors([full.to(entry.dtype)], 0, None)
+            if is_stage_writer():
+                send_tensors([full.to(entry.dtype)], 0, None)
             del full
-        D.agree_or_raise(None)
+        agree_or_raise(None)
         return None, adapters
 
     mine = iter(entries)
@@ -323,14 +325,14 @@ def stream_merged(model, adapter_names: Optional[Sequence[str]], names, open_sin
         if owner == 0:
             full = next(mine).make().to(tensor_dtype)
         else:
-            full = D.recv_tensors([(shape, tensor_dtype)], owner, None)[0]
+            full = recv_tensors([(shape, tensor_dtype)], owner, None)[0]
         try:
             for out_key, tensor in names.feed(key, full):
                 sink.put(out_key, tensor)
         except ValueError as exc:  # keep receiving, so that no sender is left waiting
             sink.fail(str(exc))
         del full
-    D.agree_or_raise(sink.finish())
+    agree_or_raise(sink.finish())
     return sink, adapters
 
 

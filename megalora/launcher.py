@@ -34,14 +34,14 @@ _LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL")
 
 def under_launcher() -> bool:
     """Whether a launcher (torchrun, Slurm, MPI) started this process."""
-    from .runtime import detect_launch_env
+    from .launch_env import detect_launch_env
 
     return detect_launch_env(use_scontrol=False).source != "single"
 
 
 def launched_rank() -> int:
     """This process's global rank as the launcher says (0 when not launched)."""
-    from .runtime import detect_launch_env
+    from .launch_env import detect_launch_env
 
     return detect_launch_env(use_scontrol=False).rank
 

@@ -32,7 +32,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import distributed as D
+from .collectives import sync_rng_state
+from .parallel_groups import replica_groups
+from .sharding import gather_full
 from . import lora_math
 from .layers import LoraLayer
 
@@ -174,8 +176,8 @@ def _check(lora_model, adapters, combination_type, svd_rank):
 
 
 def _full_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-    a = D.gather_full(layer.lora_A[adapter].weight.detach(), layer.a_spec, layer.tp_group)
-    b = D.gather_full(layer.lora_B[adapter].weight.detach(), layer.b_spec, layer.tp_group)
+    a = gather_full(layer.lora_A[adapter].weight.detach(), layer.a_spec, layer.tp_group)
+    b = gather_full(layer.lora_B[adapter].weight.detach(), layer.b_spec, layer.tp_group)
     return a, b
 
 
@@ -283,7 +285,7 @@ def add_weighted_adapter(
     if method.startswith("dare"):
         # Every replica of a tensor (TP and DP ranks of a stage) must draw the
         # same masks, whatever each rank drew from its generator before.
-        D.sync_rng_state(D.replica_groups())
+        sync_rng_state(replica_groups())
         _advance_rng_like_peft(lora_model, adapter_name, new_config)
     opts = dict(
         density=density, majority=majority_sign_method, clamp=svd_clamp, full_matrices=svd_full_matrices,

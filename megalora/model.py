@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed as D
+from .collectives import all_gather_objects, group_rank
 from .config import LoraConfig
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
 from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
@@ -35,9 +35,9 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def _lora_init_seed() -> int:
     """The default LoRA init seed: the one ``init_parallel`` recorded, else ``torch.initial_seed()``."""
-    from . import runtime
+    from . import lora_seed
 
-    return runtime.lora_init_seed()
+    return lora_seed.lora_init_seed()
 
 
 def _params_dtype(megatron_config) -> Optional[torch.dtype]:
@@ -108,7 +108,7 @@ class LoraModel(nn.Module):
         # One gather, before anything changes: a config that selects nothing anywhere, or a
         # problem seen on one stage only, fails on every rank together; a stage without
         # matches is fine.
-        reports = D.all_gather_objects((len(targets), saved_counts, _tie_problem(self.model, targets, config), untied))
+        reports = all_gather_objects((len(targets), saved_counts, _tie_problem(self.model, targets, config), untied))
         if sum(r[0] for r in reports) == 0:
             raise ValueError(describe_no_match(config))
         missing = [e for i, e in enumerate(config.modules_to_save or []) if not any(r[1][i] for r in reports)]
@@ -135,7 +135,7 @@ class LoraModel(nn.Module):
                 wrapper = ModulesToSaveWrapper(module, adapter_name, untie_from, global_name=names[local_name])
                 _set_submodule(self.model, local_name, wrapper)
         untied = sorted({name for r in reports for name in r[3]})
-        if untied and D.group_rank(dist.group.WORLD) == 0:
+        if untied and group_rank(dist.group.WORLD) == 0:
             logger.warning(untied_message(untied))
         self.peft_config[adapter_name] = config
         self._mark_only_adapters_as_trainable(config)

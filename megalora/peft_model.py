@@ -135,9 +135,10 @@ class PeftModel(nn.Module):
         pipeline stage's copy of a tied embedding (``shared``) not at all;
         pipeline stages are summed, data-parallel replicas are not.
         """
-        from . import distributed as D
+        from .collectives import all_reduce_sum
+        from .parallel_groups import megatron_parallel_state
 
-        ps = D._parallel_state()
+        ps = megatron_parallel_state()
         tp_rank = ps.get_tensor_model_parallel_rank() if ps is not None else 0
         trainable = total = 0
         for _, param in self.named_parameters():
@@ -151,7 +152,7 @@ class PeftModel(nn.Module):
         if ps is None:
             return trainable, total
         counts = torch.tensor([trainable, total], dtype=torch.int64)
-        D.all_reduce_sum(counts, ps.get_model_parallel_group())
+        all_reduce_sum(counts, ps.get_model_parallel_group())
         return int(counts[0]), int(counts[1])
 
     def print_trainable_parameters(self) -> None:

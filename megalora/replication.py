@@ -27,7 +27,7 @@ Under pipeline parallelism (and virtual pipeline chunks):
   stage); further copies on that stage share the received tensors. Each rank
   sends its own TP shard to the same TP rank of the other stage.
 * **Agreement first.** Every rank checks the ranges and the plan and raises
-  the same ``ValueError`` before any tensor moves (:func:`~megalora.distributed.agree_or_raise`).
+  the same ``ValueError`` before any tensor moves (:func:`~megalora.collectives.agree_or_raise`).
 
 Merging writes into base weights, and copies have different deltas, so
 :func:`unshare_for_merge` gives a copy private base weights before a merge and
@@ -51,7 +51,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import distributed as D
+from .collectives import agree_or_raise, all_gather_objects, group_rank, group_size, recv_tensors, send_tensors
 
 # Set on a base parameter that several layer copies use.
 SHARED_ATTR = "megalora_replica_shared"
@@ -310,9 +310,9 @@ class _Plan:
 
 def _agree_on_plan(layer_map, held: list[list[int]], originals: dict, group) -> _Plan:
     """Collective: gather every stage's layers, check everything, and agree (or raise everywhere)."""
-    pp, pp_rank = D.group_size(group), D.group_rank(group)
+    pp, pp_rank = group_size(group), group_rank(group)
     local = {"chunks": held, "signatures": {s: _signature(l) for s, l in originals.items()}}
-    views = D.all_gather_objects(local, group) if pp > 1 else [local]
+    views = all_gather_objects(local, group) if pp > 1 else [local]
     owner, signatures, duplicate = {}, {}, False
     for p, view in enumerate(views):
         signatures.update(view["signatures"])
@@ -334,7 +334,7 @@ def _agree_on_plan(layer_map, held: list[list[int]], originals: dict, group) -> 
             if dst == pp_rank and not any(sig == signatures[s] for sig in local["signatures"].values()):
                 error = (f"layer_replication: stage {pp_rank} needs a copy of layer {s} from stage {owner[s]} but "
                          "holds no layer of the same structure to build it from")
-    D.agree_or_raise(error)
+    agree_or_raise(error)
     return plan
 
 
@@ -344,17 +344,17 @@ def _transfer(plan: _Plan, originals: dict, group) -> dict:
     Every rank walks the same ordered list, so blocking sends and receives
     pair up without deadlock.
     """
-    pp_rank = D.group_rank(group)
+    pp_rank = group_rank(group)
     received = {}
     for s, dst in plan.needed():
         src = plan.owner[s]
         if pp_rank == src:
-            D.send_tensors([t for _, t in _named_tensors(originals[s])], dst, group)
+            send_tensors([t for _, t in _named_tensors(originals[s])], dst, group)
         elif pp_rank == dst:
             signature = plan.signatures[s]
             template = next(l for l in originals.values() if _signature(l) == signature)
             device = next((t.device for _, t in _named_tensors(template)), None)
-            tensors = D.recv_tensors([(shape, dtype) for _, shape, dtype in signature], src, group, device)
+            tensors = recv_tensors([(shape, dtype) for _, shape, dtype in signature], src, group, device)
             received[s] = _rebind(template, signature, tensors)
     return received
 
@@ -397,10 +397,10 @@ def replicate_layers(model: nn.Module, layer_map: Sequence[Sequence[int]]) -> di
                                     for layers in layers_of for l in layers)
     if not error and not numbered and len(chunks) > 1:
         error = "layer_replication over several model chunks needs megatron-core layers (with layer_number)"
-    D.agree_or_raise(error)
+    agree_or_raise(error)
 
     group = _pp_group(chunks[0]) if numbered else None
-    pp_rank = D.group_rank(group)
+    pp_rank = group_rank(group)
     held = [[(l.layer_number - 1) if numbered else i for i, l in enumerate(layers)] for layers in layers_of]
     originals = {s: l for idx, layers in zip(held, layers_of) for s, l in zip(idx, layers)}
     plan = _agree_on_plan(layer_map, held, originals, group)

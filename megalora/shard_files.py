@@ -15,12 +15,11 @@ import json
 import os
 import re
 import struct
-import tempfile
 from typing import Optional, Union
 
 import torch
 
-from .checkpoint import _atomic_write, _fsync_dir
+from .atomic_write import AtomicFile, fsync_dir, write_text
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -100,7 +99,7 @@ class ShardWriter:
         self.names = shard_names(len(self.shards))
         self.shard_of = [s for s, members in enumerate(self.shards) for _ in members]
         self.total_size = sum(nbytes(shape, dtype) for _, shape, dtype in plan)
-        self.next, self.handle, self.tmp, self.error = 0, None, None, None
+        self.next, self.handle, self.error = 0, None, None
 
     @property
     def files(self) -> list[str]:
@@ -110,10 +109,8 @@ class ShardWriter:
         """Record ``message`` (the first one wins) and drop the file being written."""
         self.error = self.error or message
         if self.handle is not None:
-            self.handle.close()
-        if self.tmp is not None and os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-        self.handle, self.tmp = None, None
+            self.handle.abort()
+        self.handle = None
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         """Append the next planned tensor (its name, shape and dtype must be the planned ones)."""
@@ -127,18 +124,13 @@ class ShardWriter:
         shard = self.shard_of[index]
         try:
             if index == self.shards[shard][0]:
-                fd, self.tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{self.names[shard]}.", suffix=".tmp")
-                os.fchmod(fd, 0o644)  # mkstemp makes 0600; exports are meant to be shared
-                self.handle = os.fdopen(fd, "wb")
+                self.handle = AtomicFile(os.path.join(self.directory, self.names[shard]), sync_dir=False)
                 self.handle.write(header([self.plan[i] for i in self.shards[shard]]))
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             self.handle.write(memoryview(data))
             if index == self.shards[shard][-1]:
-                self.handle.flush()
-                os.fsync(self.handle.fileno())
-                self.handle.close()
-                os.replace(self.tmp, os.path.join(self.directory, self.names[shard]))
-                self.handle, self.tmp = None, None
+                self.handle.commit()
+                self.handle = None
         except OSError as exc:
             self.fail(f"writing the merged export to {self.directory!r} failed: {exc}")
 
@@ -153,12 +145,12 @@ class ShardWriter:
                 index = {"metadata": {"total_size": self.total_size, **self.metadata},
                          "weight_map": {key: self.names[self.shard_of[i]] for i, (key, _, _) in enumerate(self.plan)}}
                 text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-                _atomic_write(os.path.join(self.directory, INDEX_NAME), text.encode())
+                write_text(os.path.join(self.directory, INDEX_NAME), text)
             for name in os.listdir(self.directory):  # files of an earlier export with another shard count
                 stale = SHARD_PATTERN.fullmatch(name) or name in (SINGLE_NAME, INDEX_NAME)
                 if stale and name not in self.files:
                     os.unlink(os.path.join(self.directory, name))
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             self.fail(f"writing {INDEX_NAME} to {self.directory!r} failed: {exc}")
         return self.error

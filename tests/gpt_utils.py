@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megalora.distributed import ShardSpec
+from megalora.sharding import ShardSpec
+from megalora.megatron_config import cpu_friendly_config_kwargs
 
 VOCAB = 128
 SEQ = 16
@@ -36,19 +37,12 @@ def gpt_config(tp=1, pp=1, sp=False, gated=False, num_layers=2, dropout=0.0, bia
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=sp,
-        use_cpu_initialization=True,
         hidden_dropout=dropout,
         attention_dropout=dropout,
         gated_linear_unit=gated,
         activation_func=F.silu if gated else F.gelu,
         add_bias_linear=bias,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        params_dtype=torch.float32,
+        **cpu_friendly_config_kwargs(),
     )
 
 

@@ -29,7 +29,7 @@ def lora_config(**overrides):
 def reference_weights(num_layers: int = 4, gated: bool = True) -> dict:
     """Full base weights of the reference model (built at TP=1/PP=1, then torn down)."""
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     megalora.init_parallel(seed=1234)
     model = G.build_gpt(G.gpt_config(num_layers=num_layers, gated=gated))
@@ -53,15 +53,15 @@ def build(full: dict, tp=1, pp=1, vpp=None, num_layers=4, gated=True):
 @torch.no_grad()
 def perturb(peft_model, adapter: str, scale: float = 0.05) -> None:
     """Add layout-invariant noise to every tensor of ``adapter`` (DoRA magnitudes are set, not moved)."""
-    from megalora import distributed as D
+    from megalora.collectives import group_rank, group_size
     from megalora.checkpoint import _adapter_entries
 
     for key, param, spec, group in _adapter_entries(peft_model, adapter):
         shape = list(param.shape)
         if spec.sharded:
-            shape[spec.dim] *= D.group_size(group)
+            shape[spec.dim] *= group_size(group)
         gen = torch.Generator().manual_seed(zlib.crc32(f"{key}|{adapter}".encode()))
-        noise = spec.local(torch.randn(shape, generator=gen) * scale, D.group_rank(group), D.group_size(group))
+        noise = spec.local(torch.randn(shape, generator=gen) * scale, group_rank(group), group_size(group))
         if key.endswith("lora_magnitude_vector"):
             # DoRA's initial magnitude is a weight norm, summed in another order when the
             # input is sharded; set it outright so that every layout holds the same bits.
@@ -76,7 +76,7 @@ def pipeline_logits(chunks, n_micro: int = 2, seed: int = 3) -> torch.Tensor:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megalora.distributed import all_gather_objects
+    from megalora.collectives import all_gather_objects
 
     chunks = list(chunks) if isinstance(chunks, (list, tuple)) else [chunks]
     data = G.batches(n_micro, seed=seed)
@@ -112,7 +112,7 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float, what: str) -> Non
 
 def everywhere(local: dict) -> dict:
     """Collective: the union of every rank's dict."""
-    from megalora.distributed import all_gather_objects
+    from megalora.collectives import all_gather_objects
 
     merged = {}
     for part in all_gather_objects(local):

@@ -105,9 +105,9 @@ def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_
         # The pool's own timeout ends stuck collectives long before gloo's does.
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=30))
-        from megalora import runtime
+        from megalora import cpu_compat, parallel_start
 
-        runtime.enable_cpu_compat()
+        cpu_compat.enable()
     except BaseException:  # noqa: BLE001 - e.g. megalora fails to import
         reply("err", None, traceback.format_exc(), "")
         raise
@@ -133,8 +133,8 @@ def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_
             else:
                 status, value = "err", traceback.format_exc()
         try:
-            if runtime.is_initialized():
-                runtime.destroy_parallel()
+            if parallel_start.is_initialized():
+                parallel_start.destroy_parallel()
         except Exception:  # noqa: BLE001
             if status == "ok":
                 status, value = "err", "cleanup failed:\n" + traceback.format_exc()

@@ -38,7 +38,7 @@ def _peft_bias_keys(peft_model, mode: str) -> set:
 def _bias_body(root: str, mode: str):
     import megalora
     from megalora.checkpoint import read_adapter_tensors
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     peft = megalora.get_peft_model(U.build(full, tp=2, pp=2), U.lora_config(bias=mode))

@@ -22,7 +22,7 @@ def _mlp(tp, sp, variant):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
 
-    from megalora.distributed import ShardSpec
+    from megalora.sharding import ShardSpec
     from megalora.layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
     from megalora.layers.te import LoraColumnCallingBase, LoraRowCallingBase
 
@@ -86,7 +86,7 @@ def _train(fc1, fc2, sp, steps=4):
         megalora.sync_lora_grads([fc1, fc2])
         opt.step()
         losses.append(loss.item())
-    from megalora.distributed import gather_full
+    from megalora.sharding import gather_full
 
     group = ps.get_tensor_model_parallel_group()
     weights = {}
@@ -97,7 +97,7 @@ def _train(fc1, fc2, sp, steps=4):
 
 
 def _oracle_body(sp):
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     ref_losses, ref_weights = _train(*_mlp(1, False, "calling"), sp=False)
     fused_losses, _ = _train(*_mlp(1, False, "fused"), sp=False)
@@ -117,7 +117,7 @@ def test_calling_base_variants_match_tp1(dist2, sp):
 
 
 def _collective_body(sp):
-    from megalora.distributed import count_collectives
+    from megalora.testing.collective_counter import count_collectives
 
     fc1, fc2 = _mlp(2, sp, "calling")
     x = torch.randn(SEQ, BATCH, HIDDEN, requires_grad=True)
@@ -180,7 +180,7 @@ def _single_layer(variant, sp, skip_bias_add, lora_bias):
     from megatron.core.transformer import TransformerConfig
 
     from megalora import LoraConfig
-    from megalora import distributed as D
+    from megalora.sharding import gather_full
     from megalora.layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
     from megalora.layers.te import LoraColumnCallingBase, LoraRowCallingBase, layernorm_of
 
@@ -222,8 +222,8 @@ def _single_layer(variant, sp, skip_bias_add, lora_bias):
             b_mod.bias.copy_(_local(0 if column else None, full_lb, rank, tp))
     ref = {
         "weight": weight, "bias": bias,
-        "A": D.gather_full(layer.lora_A["default"].weight.detach(), layer.a_spec, group),
-        "B": D.gather_full(b_mod.weight.detach(), layer.b_spec, group),
+        "A": gather_full(layer.lora_A["default"].weight.detach(), layer.a_spec, group),
+        "B": gather_full(b_mod.weight.detach(), layer.b_spec, group),
         "lora_bias": full_lb if lora_bias else None,
         "scaling": layer.scaling["default"],
         "norm": (base.layer_norm_weight.detach(), base.layer_norm_bias.detach(), base.eps)
@@ -234,7 +234,7 @@ def _single_layer(variant, sp, skip_bias_add, lora_bias):
 
 def _local(dim, full, rank, world):
     """This rank's slice of ``full`` split on ``dim`` (whole for ``None``), by the library's own rule."""
-    from megalora.distributed import ShardSpec
+    from megalora.sharding import ShardSpec
 
     return ShardSpec(dim).local(full, rank, world)
 
@@ -250,7 +250,7 @@ def _plain_reference(ref, x, skip_bias_add):
 
 
 def _gather_last(t, group):
-    from megalora.distributed import ShardSpec, gather_full
+    from megalora.sharding import ShardSpec, gather_full
 
     return gather_full(t.contiguous(), ShardSpec(t.dim() - 1), group)
 

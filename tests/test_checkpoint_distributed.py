@@ -30,7 +30,7 @@ def _file_tensors(path: str) -> dict:
 
 def _save_tp2pp2_body(path: str):
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     peft = megalora.get_peft_model(U.build(full, tp=2, pp=2), U.lora_config(modules_to_save=SAVED_MODULES))
@@ -94,7 +94,7 @@ def test_save_tp2_pp2_load_tp1(dist4, tmp_path):
 
 def _save_tp1_body(path: str):
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     peft = megalora.get_peft_model(U.build(full), U.lora_config(modules_to_save=SAVED_MODULES))
@@ -233,7 +233,7 @@ import os, shutil, sys, time
 import torch
 from torch import nn
 import megalora
-from megalora import checkpoint
+from megalora import atomic_write
 
 point, path = sys.argv[1], sys.argv[2]
 
@@ -253,7 +253,7 @@ with torch.no_grad():
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.add_(1.0)
-checkpoint._WRITE_CHUNK = 64  # many small writes, so that one can stop half-way
+atomic_write._WRITE_CHUNK = 64  # many small writes, so that one can stop half-way
 calls = {"write": 0, "replace": 0}
 real_write, real_replace = os.write, os.replace
 

@@ -190,7 +190,7 @@ SMOL_FAST = ["train.steps=2", "data.num_train=32", "data.num_eval=16", "train.ev
 def test_every_example_is_exercised():
     """Each printed example is of a kind this suite runs; the ones not run as printed pass the parent's checks."""
     from megalora.training import load
-    from megalora.training.config import check_layout
+    from megalora.training.config import check_batch_sizes
 
     unknown = [(where, cmd) for where, cmd in EX.all_examples() if not EX.kind(cmd)]
     assert not unknown, f"examples no test exercises (teach tests/cli_examples.kind about them): {unknown}"
@@ -200,7 +200,7 @@ def test_every_example_is_exercised():
             if config:
                 cfg = load(config, overrides)
                 if EX.kind(cmd) == "mpirun.sh":  # NP=16 and friends: the layout fits the world they ask for
-                    check_layout(cfg, int(cmd.split()[0].split("=")[1]))
+                    check_batch_sizes(cfg, int(cmd.split()[0].split("=")[1]))
     assert any("--nproc" in cmd for _, cmd in EX.all_examples())
 
 

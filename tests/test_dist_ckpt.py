@@ -30,7 +30,7 @@ def _adapted(model):
 
 def _sharded_keys_body():
     """The LoRA layer's entries in a whole-model sharded state dict: base keys unchanged."""
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     peft = _adapted(U.build(full, tp=2))
@@ -43,7 +43,7 @@ def _sharded_keys_body():
 
 def _round_trip_body(root: str):
     from megalora.dist_checkpoint import load_adapter_dist_checkpoint, save_adapter_dist_checkpoint
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     peft = _adapted(U.build(full, tp=2))

@@ -53,7 +53,8 @@ def _read_export(directory: str) -> dict:
 
 def _full_weights(chunks) -> dict:
     """Collective: the plain (merged) model's full weights by global name, on every rank."""
-    from megalora import distributed as D
+    from megalora.parallel_groups import is_stage_writer, model_tp_group
+    from megalora.sharding import gather_full, param_shard_spec
     from megalora.targeting import global_module_names
 
     local = {}
@@ -62,8 +63,8 @@ def _full_weights(chunks) -> dict:
         for mname, module in chunk.named_modules():
             gated = mname.endswith("linear_fc1")
             for pname, param in module.named_parameters(recurse=False):
-                full = D.gather_full(param.detach(), D.param_shard_spec(param, 2 if gated else 1), D.model_tp_group())
-                if D.is_stage_writer():
+                full = gather_full(param.detach(), param_shard_spec(param, 2 if gated else 1), model_tp_group())
+                if is_stage_writer():
                     local[f"{names[mname]}.{pname}" if names[mname] else pname] = full.clone()
     return U.everywhere(local)
 
@@ -81,8 +82,8 @@ def _adapted(model):
 
 def _export_body(root: str):
     import megalora
-    from megalora.distributed import count_collectives
-    from megalora.runtime import destroy_parallel
+    from megalora.testing.collective_counter import count_collectives
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     out = {}
@@ -134,7 +135,7 @@ def test_export_is_layout_independent_and_merge_is_local(dist2, tmp_path):
 def _content_body(root: str):
     """The export at TP=2 of one plain LoRA adapter, the reference weights, and the adapter itself."""
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     peft = megalora.get_peft_model(U.build(full, tp=2), U.lora_config())
@@ -168,7 +169,7 @@ def _tied_body(root: str):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
     from tests import gpt_utils as G
 
     full, out = None, {}
@@ -213,7 +214,7 @@ def _hf_body(root: str, layouts: dict):
     """``save_hf_pretrained`` of each variant at each layout; file hashes, and logits at TP=1."""
     import megalora
     import megalora.hf as H
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
     from tests import hf_utils as HU
 
     out = {}

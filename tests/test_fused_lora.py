@@ -19,7 +19,7 @@ from tests import gpt_utils as G
 
 
 def _composed(x, weight, bias, a, b, scale, a_grad_scale, b_grad_scale):
-    from megalora.distributed import scale_grad
+    from megalora.grad_sync import scale_grad
 
     h = F.linear(x, scale_grad(a, a_grad_scale))
     return F.linear(x, weight, bias) + F.linear(h, scale_grad(b, b_grad_scale)) * scale

@@ -32,7 +32,8 @@ def _table_problems(model) -> list[str]:
     adapters' tables, with the spec megatron-core's TP attributes on it give
     (the gated fc1 split included), the layer's TP group and its global name.
     """
-    from megalora import distributed as D
+    from megalora.collectives import group_size
+    from megalora.sharding import param_shard_spec
     from megalora.layers import LoraLayer
     from megalora.layers.modules_to_save import ModulesToSaveWrapper
     from megalora.targeting import global_module_names
@@ -56,9 +57,9 @@ def _table_problems(model) -> list[str]:
             problems.append(f"{local}: table lists {len(ids)} tensors for {len(own)} parameters")
         for e in entries:
             chunks = getattr(module, "out_chunks", 1) if e.role != "saved" else e.spec.chunks
-            if D.param_shard_spec(e.param, chunks) != e.spec and D.group_size(e.group) > 1:
+            if param_shard_spec(e.param, chunks) != e.spec and group_size(e.group) > 1:
                 problems.append(f"{local}.{e.local_key}: spec {e.spec} but TP attributes say "
-                                f"{D.param_shard_spec(e.param, chunks)}")
+                                f"{param_shard_spec(e.param, chunks)}")
             if e.global_name != names[local]:
                 problems.append(f"{local}: global name {e.global_name!r} != {names[local]!r}")
             if not e.local_key.startswith(("lora_", "modules_to_save.")):
@@ -206,10 +207,10 @@ def test_explicit_seed_decides_the_init():
 
 
 def test_default_seed_is_the_recorded_one():
-    from megalora import runtime
+    from megalora import lora_seed
 
     default = _adapter_params(megalora.get_peft_model(base_model("net"), _lin()))
-    explicit = _adapter_params(megalora.get_peft_model(base_model("net"), _lin(), seed=runtime.lora_init_seed()))
+    explicit = _adapter_params(megalora.get_peft_model(base_model("net"), _lin(), seed=lora_seed.lora_init_seed()))
     assert all(torch.equal(default[k], explicit[k]) for k in default)
     inp = make_input("net")
     assert run(megalora.get_peft_model(base_model("net"), _lin(), seed=3), inp).shape == (3, 4, 5)

@@ -62,7 +62,7 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    import megalora.distributed as D
+    from megalora.sharding import param_shard_spec
     from megalora.hf.build import global_param_names
 
     config = config or TransformerConfig(
@@ -81,7 +81,7 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
     names = global_param_names(model)
     with torch.no_grad():
         for local, param in model.named_parameters():
-            spec = D.param_shard_spec(param)
+            spec = param_shard_spec(param)
             shape = list(param.shape)
             if spec.sharded:
                 shape[spec.dim] *= world
@@ -158,7 +158,7 @@ def _body(root: str) -> dict:
 
     from megalora.integrations import megatron_lm as plugin
     from megalora.layers import LoraLayer
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     argv = ["--lora-r", "4", "--lora-alpha", "8", "--lora-init", "false",
             "--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2",

@@ -37,7 +37,7 @@ def _lora(**overrides):
 def _full_weights(tied: bool, gated: bool = False) -> dict:
     """Full base weights of the world-size-1 model (a tied one has no ``output_layer.weight``)."""
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     megalora.init_parallel(seed=1234)
     model = G.build_gpt(G.gpt_config(num_layers=NUM_LAYERS, gated=gated), tied=tied)
@@ -100,7 +100,7 @@ def _ddp_train(peft, steps: int) -> list:
 def _run(full, tied, layout, lora, save_dir=None):
     """Train at ``layout``; returns losses and the gathered adapter (saving it first if asked)."""
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     peft = megalora.get_peft_model(_build(full, tied, **layout), lora)
     losses = _ddp_train(peft, STEPS)
@@ -153,7 +153,7 @@ def _modules_to_save_body(layout, root):
     import logging
 
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     records = []
     handler = logging.Handler()
@@ -198,7 +198,7 @@ def _dist_ckpt_body(tied, pp, root):
     """A full-model megatron dist checkpoint (as Megatron-LM writes it) saves and reloads."""
     import megalora
     from megatron.core import dist_checkpointing
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     # Gated: megatron-core's MLP must still find linear_fc1's base keys for its SwiGLU layout.
     full = _full_weights(tied, gated=True)
@@ -247,7 +247,7 @@ def test_full_model_dist_checkpoint_with_output_layer_lora(dist2, tmp_path, tied
 
 def _bad_config_body(lora: dict, pp: int):
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     model = _build(_full_weights(tied=True), True, pp=pp)
     try:

@@ -40,7 +40,7 @@ def _lora_config(**overrides):
 
 def _everywhere(local: dict) -> dict:
     """Collective: the union of every rank's dict (each stage contributes its layers)."""
-    from megalora.distributed import all_gather_objects
+    from megalora.collectives import all_gather_objects
 
     merged = {}
     for part in all_gather_objects(local):
@@ -69,7 +69,7 @@ def adapted_layers(peft_model) -> dict:
 
 def last_stage_losses(losses: list) -> list:
     """Collective: the loss list of the last pipeline stage, on every rank."""
-    from megalora.distributed import all_gather_objects
+    from megalora.collectives import all_gather_objects
 
     return next(part for part in all_gather_objects(losses) if part[0] is not None)
 
@@ -90,7 +90,7 @@ def assert_losses_close(ref, got, what):
 def reference(num_layers, gated=False, rope=False, **lora):
     """Train the world-size-1 layout; returns its full base weights, losses, LoRA weights and layer set."""
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     megalora.init_parallel(seed=1234)
     model = G.build_gpt(G.gpt_config(num_layers=num_layers, gated=gated), rope=rope)

@@ -196,7 +196,7 @@ def _fc1_ptrs(chunks) -> dict:
 def _reference(layer_map, num_layers, gated=False):
     """PP=1 with replication: trains, and checks sharing, merging and unloading on the way."""
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     config, chunks = _megatron(num_layers=num_layers, gated=gated)
     full = {k: v.detach().clone() for k, v in chunks[0].named_parameters()}
@@ -237,7 +237,7 @@ def _check_merge(out):
 
 def _replicate_pp_body(layer_map, num_layers, layout):
     import megalora
-    from megalora.distributed import count_collectives
+    from megalora.testing.collective_counter import count_collectives
 
     ref = _reference(layer_map, num_layers, gated=layout.get("gated", False))
     _check_merge(ref)
@@ -329,7 +329,7 @@ def test_replication_tp2_pp2_matches_world_size_1(dist4):
 
 def _bad_ranges_body(layer_map):
     import megalora
-    from megalora.distributed import count_collectives
+    from megalora.testing.collective_counter import count_collectives
 
     _, chunks = _megatron(pp=2, num_layers=5, first_stage_layers=3)
     numbers = [l.layer_number for l in chunks[0].decoder.layers]

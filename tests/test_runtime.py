@@ -1,4 +1,4 @@
-"""Tests of megalora.runtime and of the multi-rank CPU harness.
+"""Tests of process start-up (launch_env, parallel_start) and of the multi-rank CPU harness.
 
 The megatron checks compare every parallel layout against the world-size-1
 result for the same seed: with ``use_cpu_initialization=True`` Megatron draws
@@ -13,8 +13,8 @@ import dataclasses
 import pytest
 import torch
 
-from megalora import runtime
-from megalora.runtime import LaunchEnv, detect_launch_env
+from megalora import cpu_compat, launch_env, lora_seed, parallel_start
+from megalora.launch_env import LaunchEnv, detect_launch_env
 from tests import multirank
 from tests.multirank import MultiRankError, run_on_ranks
 
@@ -81,20 +81,11 @@ def test_mpi_rendezvous_through_mpi4py(monkeypatch):
         fake = types.ModuleType("mpi4py")
         fake.MPI = types.SimpleNamespace(COMM_WORLD=comm)
         monkeypatch.setitem(sys.modules, "mpi4py", fake)
-        got = runtime._agree_rendezvous_mpi(dataclasses.replace(le, rank=rank), {})
+        got = launch_env._agree_rendezvous_mpi(dataclasses.replace(le, rank=rank), {})
         if rank == 0:  # rank 0 picks host and a free port and broadcasts them
             assert comm.sent == (got.master_addr, got.master_port) and got.master_port > 0
         else:
             assert comm.sent is None and (got.master_addr, got.master_port) == (expected_host, 4567)
-
-
-def test_cpu_compat_never_patches_with_cuda(monkeypatch):
-    current = torch.cuda.current_device
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    was_active = runtime.cpu_compat_active()
-    runtime.enable_cpu_compat()
-    assert runtime.cpu_compat_active() == was_active
-    assert torch.cuda.current_device is current
 
 
 def test_detect_single_process_default():
@@ -191,8 +182,8 @@ def _rng_fork_and_seed():
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    runtime.init_parallel(tensor_model_parallel_size=2, seed=7)
-    assert runtime.cpu_compat_active() and runtime.lora_init_seed() == 7
+    parallel_start.init_parallel(tensor_model_parallel_size=2, seed=7)
+    assert cpu_compat.is_active() and lora_seed.lora_init_seed() == 7
     before = torch.get_rng_state()
     with get_cuda_rng_tracker().fork():
         forked = torch.rand(4)
@@ -213,14 +204,14 @@ def test_rng_tracker_on_cpu():
 
 def _init_errors():
     with pytest.raises(ValueError, match="tensor_model_parallel_size=3"):
-        runtime.init_parallel(tensor_model_parallel_size=3)
-    runtime.init_parallel(tensor_model_parallel_size=2)
-    runtime.init_parallel(tensor_model_parallel_size=1)  # a different layout replaces it
+        parallel_start.init_parallel(tensor_model_parallel_size=3)
+    parallel_start.init_parallel(tensor_model_parallel_size=2)
+    parallel_start.init_parallel(tensor_model_parallel_size=1)  # a different layout replaces it
     from megatron.core import parallel_state as ps
 
     assert ps.get_tensor_model_parallel_world_size() == 1
-    runtime.destroy_parallel()
-    return runtime.is_initialized()
+    parallel_start.destroy_parallel()
+    return parallel_start.is_initialized()
 
 
 def test_init_parallel_checks_and_reinit():
@@ -232,7 +223,7 @@ def _linear_layers(sequence_parallel):
     from megatron.core import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    runtime.init_parallel(tensor_model_parallel_size=2, seed=3)
+    parallel_start.init_parallel(tensor_model_parallel_size=2, seed=3)
     rank = dist.get_rank()
     cfg = ModelParallelConfig(tensor_model_parallel_size=2, use_cpu_initialization=True,
                               sequence_parallel=sequence_parallel)
@@ -333,9 +324,9 @@ def _loss_and_grads(model):
 def _gpt_tp(sp):
     from megatron.core import parallel_state as ps
 
-    runtime.init_parallel(1, 1, seed=11)
+    parallel_start.init_parallel(1, 1, seed=11)
     ref_loss, ref_grads = _loss_and_grads(_gpt())
-    runtime.init_parallel(2, 1, seed=11)
+    parallel_start.init_parallel(2, 1, seed=11)
     model = _gpt(tp=2, sp=sp)
     loss, grads = _loss_and_grads(model)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -349,10 +340,10 @@ def _gpt_tp(sp):
         torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5, msg=name)
 
     # Dropout 0.1 exercises the RNG tracker's fork (attention dropout).
-    runtime.init_parallel(2, 1, seed=11)
+    parallel_start.init_parallel(2, 1, seed=11)
     drop = _gpt(tp=2, sp=sp, dropout=0.1)
     first, _ = _loss_and_grads(drop)
-    runtime.init_parallel(2, 1, seed=11)
+    parallel_start.init_parallel(2, 1, seed=11)
     second, _ = _loss_and_grads(_gpt(tp=2, sp=sp, dropout=0.1))
     assert torch.isfinite(first) and torch.equal(first, second) and first != loss
     return loss.item()
@@ -370,7 +361,7 @@ def _gpt_pipeline(vpp):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     layers, n_micro = (4 if vpp else 2), 4
-    runtime.init_parallel(1, 1, seed=5)
+    parallel_start.init_parallel(1, 1, seed=5)
     ref_model = _gpt(layers=layers)
     ref_losses = []
     for i in range(n_micro):
@@ -378,7 +369,7 @@ def _gpt_pipeline(vpp):
         ref_losses.append(ref_model(tokens, pos, None, labels=labels).mean().item())
     ref_state = ref_model.state_dict()
 
-    runtime.init_parallel(1, 2, virtual_pipeline_model_parallel_size=vpp, seed=5)
+    parallel_start.init_parallel(1, 2, virtual_pipeline_model_parallel_size=vpp, seed=5)
     chunks = [_gpt(pp=2, vpp=vpp, layers=layers, vp_stage=v if vpp else None)
               for v in range(vpp or 1)]
     for chunk in chunks:  # load the reference weights by global layer number

@@ -50,7 +50,7 @@ def _assert_close_dicts(a, b, tol, what):
 
 
 def _oracle_body(sp, gated, lora, steps=5):
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     ref, full = _build(1, False, gated, **lora)
     ref_init = _adapter(ref)
@@ -160,7 +160,7 @@ def test_merge_unmerge_under_tp(dist2, use_dora):
 
 
 def _collectives_body(sp):
-    from megalora.distributed import count_collectives
+    from megalora.testing.collective_counter import count_collectives
 
     model, _ = _build(2, sp, True)
     batch = G.batches(1)[0]
@@ -220,7 +220,7 @@ def _ddp_body(sp, lora):
     """Training through megatron-core's DDP and finalize_model_grads, no megalora call in the loop."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     data = G.batches(1) * 5
     ref, full = _build(1, False, True, **lora)

@@ -152,15 +152,15 @@ def test_config_overrides_and_errors(tmp_path):
 
 def test_layout_check_names_the_fix():
     from megalora.training import load
-    from megalora.training.config import check_layout
+    from megalora.training.config import check_batch_sizes
 
     cfg = load(TINY, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2", "model.num_layers=4",
                       "train.global_batch_size=8", "train.micro_batch_size=4"])
     with pytest.raises(ValueError, match="multiple of parallel.pp=2"):
-        check_layout(cfg, 4)  # DP 2: one micro-batch per step, the interleaved schedule needs 2
+        check_batch_sizes(cfg, 4)  # DP 2: one micro-batch per step, the interleaved schedule needs 2
     with pytest.raises(ValueError, match="does not divide the world size 3"):
-        check_layout(load(TINY), 3)
-    check_layout(cfg, 2)
+        check_batch_sizes(load(TINY), 3)
+    check_batch_sizes(cfg, 2)
 
 
 def test_lr_schedule():

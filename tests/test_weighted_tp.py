@@ -53,7 +53,7 @@ def _weighted_body():
     import torch.distributed as dist
 
     import megalora
-    from megalora.runtime import destroy_parallel
+    from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights()
     results, replicas = {}, {}

@@ -22,13 +22,13 @@ only when a function needs it.
 """
 
 from .adapters import export_peft_adapter, import_peft_adapter
-from .build import build_gpt_from_hf, check_layout, megatron_config_from_hf
+from .build import build_gpt_from_hf, check_layout_fits_model, megatron_config_from_hf
 from .export import export_hf_state_dict, save_hf_pretrained
 from .models import load_hf_config, load_hf_model, load_hf_tokenizer, smollm2_gguf_path
 
 __all__ = [
     "build_gpt_from_hf",
-    "check_layout",
+    "check_layout_fits_model",
     "export_hf_state_dict",
     "export_peft_adapter",
     "import_peft_adapter",

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .. import distributed as D
+from ..collectives import agree_or_raise, all_gather_objects, broadcast_object, group_rank
 from .. import lora_math
 from ..checkpoint import PREFIX, adapter_state_dict, gather_stages, read_adapter_tensors, write_adapter
 from ..config import LoraConfig
@@ -199,10 +199,10 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
     problem = None
     if config.modules_to_save:
         problem = "exporting modules_to_save to HF PEFT is not supported; train an adapter without modules_to_save"
-    D.agree_or_raise(problem)
+    agree_or_raise(problem)
     state, error = gather_stages(adapter_state_dict(peft_model, adapter_name))
     ranks = {}
-    for part in D.all_gather_objects(_local_ranks(peft_model, adapter_name)):
+    for part in all_gather_objects(_local_ranks(peft_model, adapter_name)):
         ranks.update(part)
     if state is not None and error is None:
         try:
@@ -219,7 +219,7 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
             write_adapter(directory, out_config, hf_state)
         except Exception as exc:  # re-raised on every rank below
             error = f"exporting adapter {adapter_name!r} to {directory} failed: {type(exc).__name__}: {exc}"
-    error = D.broadcast_object(error)
+    error = broadcast_object(error)
     if error is not None:
         raise RuntimeError(error)
     return directory
@@ -326,7 +326,7 @@ def import_peft_adapter(model, directory: str, adapter_name: str = "default", hf
     problem = None
     if peft_config.modules_to_save:
         problem = f"{directory}: modules_to_save={peft_config.modules_to_save} is not supported by the HF import"
-    D.agree_or_raise(problem)
+    agree_or_raise(problem)
     state, ranks = mcore_adapter_from_hf(arch, peft_config, read_adapter_tensors(directory), directory)
     fields = describe_targets(ranks, arch.linear_mcore_modules(), MCORE_LAYER_PREFIX)
     config = LoraConfig(
@@ -336,7 +336,7 @@ def import_peft_adapter(model, directory: str, adapter_name: str = "default", hf
     )
     with tempfile.TemporaryDirectory(prefix="megalora-import-") as tmp:
         write_adapter(tmp, config, state)
-        if save_directory is not None and D.group_rank(None) == 0:
+        if save_directory is not None and group_rank(None) == 0:
             write_adapter(save_directory, config, state)
         if isinstance(model, PeftModel):
             model.load_adapter(tmp, adapter_name=adapter_name, is_trainable=is_trainable)

@@ -12,7 +12,7 @@ and how their tensors combine along the output dimension (dim 0 of an
   ``c_attn``).
 * ``cat``: HF modules stacked on dim 0 (gated ``linear_fc1`` is ``[gate; up]``).
   Megatron's per-rank ``[gate_k; up_k]`` is a TP shard of that, which
-  :class:`megalora.distributed.ShardSpec` with ``chunks=2`` expresses.
+  :class:`megalora.sharding.ShardSpec` with ``chunks=2`` expresses.
 
 The same fuse/split serves base weights, biases and LoRA factors, so the base
 model and its adapters can never disagree on the layout.

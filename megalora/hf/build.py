@@ -31,21 +31,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import distributed as D
+from ..collectives import agree_or_raise
+from ..sharding import ShardSpec, param_shard_spec
+from ..megatron_config import cpu_friendly_config_kwargs
 from ..targeting import global_module_names
 from .arch import arch_from_hf
 from .convert import HFModelSource, WeightSource, source_name
 from .models import clean_hf_config, is_hf_model, resolve_files
 
-# megatron-core's fused kernels need CUDA (or apex/TE); the unfused paths compute the same.
-_UNFUSED = dict(
-    bias_activation_fusion=False,
-    bias_dropout_fusion=False,
-    masked_softmax_fusion=False,
-    apply_rope_fusion=False,
-    gradient_accumulation_fusion=False,
-    persist_layer_norm=False,
-)
 _UNEVEN_PP_FIELDS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
                      "pipeline_model_parallel_layout")
 
@@ -77,7 +70,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_layout(hf_config, tp: int, pp: int, vpp: Optional[int] = None, uneven_pp: bool = False) -> None:
+def check_layout_fits_model(hf_config, tp: int, pp: int, vpp: Optional[int] = None, uneven_pp: bool = False) -> None:
     """Raise a clear error, naming the layouts that fit, if ``tp``/``pp``/``vpp`` do not fit the model.
 
     Raises:
@@ -131,7 +124,7 @@ def megatron_config_from_hf(hf_config, **overrides: Any):
     (``params_dtype``, ``sequence_parallel``, ...).
 
     Raises:
-        ValueError: If the parallel layout does not fit the model (see :func:`check_layout`).
+        ValueError: If the parallel layout does not fit the model (see :func:`check_layout_fits_model`).
         NotImplementedError: For an unsupported architecture or option.
     """
     from megatron.core.transformer import TransformerConfig
@@ -147,9 +140,7 @@ def megatron_config_from_hf(hf_config, **overrides: Any):
         add_qkv_bias=arch.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        **_UNFUSED,
+        **cpu_friendly_config_kwargs(),
         **_parallel_sizes(),
     )
     if arch.model_type == "llama":
@@ -167,7 +158,7 @@ def megatron_config_from_hf(hf_config, **overrides: Any):
                       layernorm_epsilon=float(hf_config.layer_norm_epsilon))
     kwargs.update(overrides)
     kwargs.setdefault("pipeline_dtype", kwargs["params_dtype"])  # pipeline p2p buffers
-    check_layout(hf_config, kwargs.get("tensor_model_parallel_size", 1), kwargs.get("pipeline_model_parallel_size", 1),
+    check_layout_fits_model(hf_config, kwargs.get("tensor_model_parallel_size", 1), kwargs.get("pipeline_model_parallel_size", 1),
                  kwargs.get("virtual_pipeline_model_parallel_size"),
                  uneven_pp=any(kwargs.get(f) is not None for f in _UNEVEN_PP_FIELDS))
     return TransformerConfig(**kwargs)
@@ -209,9 +200,9 @@ def weight_source(source=None) -> WeightSource:
     return cached_source(resolve_files(source))
 
 
-def param_spec(name: str, param: torch.Tensor, gated: bool) -> D.ShardSpec:
+def param_spec(name: str, param: torch.Tensor, gated: bool) -> ShardSpec:
     """The shard spec of a megatron parameter; rank k of a gated fc1 holds ``[gate_k; up_k]``."""
-    return D.param_shard_spec(param, chunks=2 if gated and name.rpartition(".")[0].endswith("mlp.linear_fc1") else 1)
+    return param_shard_spec(param, chunks=2 if gated and name.rpartition(".")[0].endswith("mlp.linear_fc1") else 1)
 
 
 def global_param_names(model: torch.nn.Module) -> dict[str, str]:
@@ -246,7 +237,7 @@ def load_shards(model: torch.nn.Module, source: WeightSource) -> None:
             problems.append(f"the model has {name} but the HF {source.arch.model_type} model has no such tensor")
             continue
         plan.append((name, param, param_spec(name, param, gated)))
-    D.agree_or_raise("; ".join(problems[:4]) if problems else None, group)
+    agree_or_raise("; ".join(problems[:4]) if problems else None, group)
     with torch.no_grad():
         for name, param, spec in plan:
             value = source.local(name, spec, rank, world)
@@ -256,7 +247,7 @@ def load_shards(model: torch.nn.Module, source: WeightSource) -> None:
                 )
                 continue
             param.copy_(value.to(dtype=param.dtype, device=param.device))
-    D.agree_or_raise("; ".join(problems[:4]) if problems else None, group)
+    agree_or_raise("; ".join(problems[:4]) if problems else None, group)
 
 
 def build_gpt_from_hf(
@@ -273,7 +264,7 @@ def build_gpt_from_hf(
     Every rank calls it (once per virtual pipeline chunk, with its
     ``vp_stage``, as megatron's ``get_model`` calls a model provider); it
     communicates only within the TP group. Call ``megalora.init_parallel``
-    first; the layout must fit the model (:func:`check_layout`).
+    first; the layout must fit the model (:func:`check_layout_fits_model`).
 
     Args:
         source: ``None`` (SmolLM2), a ``.gguf`` file or HF directory (converted

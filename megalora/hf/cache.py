@@ -24,10 +24,10 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 
-from .. import distributed as D
+from ..collectives import group_rank
+from ..atomic_write import atomic_path, write_text
 from .arch import arch_from_hf
 from .convert import SafetensorsSource, mcore_state_from_hf
 from .models import ModelFiles, clean_hf_config, hf_config_from_dict, load_hf_model
@@ -82,18 +82,8 @@ def convert_to_cache(files: ModelFiles, path: str) -> None:
         "source": os.path.join(files.directory, files.gguf_file or ""),
     }
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".convert-", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     logger.info("converted %s in %.1f s into %s", metadata["source"], time.perf_counter() - start, path)
 
 
@@ -129,15 +119,14 @@ def cached_source(files: ModelFiles, wait_s: float = WAIT_S) -> SafetensorsSourc
     path = cache_path(files)
     if os.path.isfile(path):
         return open_cached(path)
-    if D.group_rank(None) == 0:
+    if group_rank(None) == 0:
         if os.path.exists(_error_path(path)):
             os.unlink(_error_path(path))
         try:
             convert_to_cache(files, path)
         except Exception as exc:
             message = f"converting {files.directory}/{files.gguf_file or ''} failed: {type(exc).__name__}: {exc}"
-            with open(_error_path(path), "w", encoding="utf-8") as handle:
-                handle.write(message)
+            write_text(_error_path(path), message)
             raise
         return open_cached(path)
     started = time.time()

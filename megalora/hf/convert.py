@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from ..distributed import ShardSpec
+from ..sharding import ShardSpec
 from .arch import Arch
 
 EMBEDDING = "embedding.word_embeddings"

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .. import distributed as D
+from ..collectives import broadcast_object
 from ..export import stream_merged, write_merged
 from .arch import arch_from_hf
 from .convert import EMBEDDING, HFNames
@@ -157,7 +157,7 @@ def save_hf_pretrained(model, directory: str, hf_config=None, tokenizer=None, me
             share_files(directory)
         except Exception as exc:  # re-raised on every rank below
             error = f"writing the HF model to {directory} failed: {type(exc).__name__}: {exc}"
-    error = D.broadcast_object(error)
+    error = broadcast_object(error)
     if error is not None:
         raise RuntimeError(error)
     return directory

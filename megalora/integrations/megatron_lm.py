@@ -129,7 +129,7 @@ def _freeze(module) -> None:
 
 def _inject(chunks: list, args: argparse.Namespace):
     """Collective: LoRA into this stage's chunks as one PeftModel, then ``--lora-load``."""
-    from .. import runtime
+    from .. import lora_seed
     from ..checkpoint import load_adapter_weights
     from ..model import get_peft_model
 
@@ -138,7 +138,7 @@ def _inject(chunks: list, args: argparse.Namespace):
     if seed is None:
         seed = getattr(args, "seed", None)
     if seed is not None:
-        runtime.set_lora_init_seed(seed)
+        lora_seed.set_lora_init_seed(seed)
     peft_model = get_peft_model(chunks if len(chunks) > 1 else chunks[0], lora_config_from_args(args))
     if args.lora_load:
         load_adapter_weights(peft_model, args.lora_load, "default")

@@ -8,7 +8,7 @@ against ``peft.tuners.lora.LoraLayer`` reads the same.
 
 A layer type (plain, column-parallel, row-parallel, TE) mostly declares:
 
-* the shard spec of A and B (see :mod:`megalora.distributed`); every other
+* the shard spec of A and B (see :mod:`megalora.sharding`); every other
   spec follows from them in :meth:`LoraLayer.tensors`, the one table of an
   adapter's tensors that tagging, checkpoints and the export read,
 * the base weight in ``[out, in]`` layout, and how to add a tensor to it,
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as D
+from ..collectives import group_rank, group_size
+from ..sharding import FULL, ShardSpec
 from .. import lora_math
 from .face import BaseLayerFace
 from .init import LoraFactor, LoraMagnitude, draw_full_factors, init_generator  # noqa: F401 (re-exported)
@@ -58,8 +59,8 @@ class LoraLayer(LoraWeights, BaseLayerFace):
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
 
-    a_spec: D.ShardSpec = D.FULL
-    b_spec: D.ShardSpec = D.FULL
+    a_spec: ShardSpec = FULL
+    b_spec: ShardSpec = FULL
     # Whether forward may read the base weight outside the base layer's own
     # forward (DoRA's weight norm needs it; fused TE GEMMs keep it inside).
     reads_base_weight = True
@@ -111,7 +112,7 @@ class LoraLayer(LoraWeights, BaseLayerFace):
         """The RNG context dropout on this layer's LoRA input runs in."""
         return contextlib.nullcontext()
 
-    def _factor_weight(self, factor: nn.Module, spec: D.ShardSpec) -> torch.Tensor:
+    def _factor_weight(self, factor: nn.Module, spec: ShardSpec) -> torch.Tensor:
         """The weight a forward uses; parallel variants pre-scale replicated grads."""
         return factor.weight
 
@@ -131,13 +132,13 @@ class LoraLayer(LoraWeights, BaseLayerFace):
 
     @property
     def tp_rank(self) -> int:
-        return D.group_rank(self.tp_group)
+        return group_rank(self.tp_group)
 
     @property
     def tp_size(self) -> int:
-        return D.group_size(self.tp_group)
+        return group_size(self.tp_group)
 
-    def local(self, full: torch.Tensor, spec: D.ShardSpec) -> torch.Tensor:
+    def local(self, full: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
         return spec.local(full, self.tp_rank, self.tp_size)
 
     # ------------------------------------------------------------------ adapters
@@ -218,14 +219,14 @@ class LoraLayer(LoraWeights, BaseLayerFace):
     # ------------------------------------------------------------------ the tensor table
 
     @property
-    def out_spec(self) -> D.ShardSpec:
+    def out_spec(self) -> ShardSpec:
         """The spec of a per-output-row vector (B's bias, DoRA's magnitude and norm).
 
         Split like B's rows when B is split on its output dimension, else whole.
         """
-        return self.b_spec if self.b_spec.dim == 0 else D.FULL
+        return self.b_spec if self.b_spec.dim == 0 else FULL
 
-    def _tensor(self, role: str, param, spec: D.ShardSpec, local_key: str, saved_key: str) -> AdapterTensor:
+    def _tensor(self, role: str, param, spec: ShardSpec, local_key: str, saved_key: str) -> AdapterTensor:
         return AdapterTensor(role, param, spec, self.tp_group, self.global_name, local_key, saved_key)
 
     def _factor_tensors(self, adapter: str) -> list[AdapterTensor]:

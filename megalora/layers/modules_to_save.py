@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import distributed as D
+from ..parallel_groups import model_tp_group
 from .tensors import AdapterTensor, model_tensor_spec
 
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel")
@@ -138,7 +138,7 @@ class ModulesToSaveWrapper(nn.Module):
         saved under the module's own name (``<module>.weight``), as PEFT does.
         """
         copy_ = self.modules_to_save[adapter]
-        group = D.model_tp_group()
+        group = model_tp_group()
         return [
             AdapterTensor("saved", p, model_tensor_spec(copy_, self.global_name, p), group, self.global_name,
                           f"modules_to_save.{adapter}.{pname}", pname)

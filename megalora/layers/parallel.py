@@ -1,6 +1,6 @@
 """LoRA on megatron-core's tensor-parallel linear layers.
 
-The sharding rule (see :mod:`megalora.distributed`):
+The sharding rule (see :mod:`megalora.sharding`):
 
 ==================  =================  ===================  =================
 base layer          A ``[r, in]``      B ``[out, r]``       DoRA magnitude
@@ -38,7 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as D
+from ..collectives import all_reduce_sum, group_rank
+from ..dist_checkpoint_tensors import sharded_tensor
+from ..grad_sync import mark_tp_replicated, mark_tp_sharded, scale_grad
+from ..sharding import ShardSpec
 from .base import LoraLayer
 
 
@@ -126,10 +129,10 @@ class _ParallelLoraLayer(LoraLayer):
         base = self.get_base_layer()
         return bool(getattr(base, "sequence_parallel", False)) and not getattr(base, "explicit_expert_comm", False)
 
-    def _factor_weight(self, factor: nn.Module, spec: D.ShardSpec) -> torch.Tensor:
+    def _factor_weight(self, factor: nn.Module, spec: ShardSpec) -> torch.Tensor:
         if spec.sharded or self.tp_size == 1:
             return factor.weight
-        return D.scale_grad(factor.weight, float(self.tp_size))
+        return scale_grad(factor.weight, float(self.tp_size))
 
     def _base_and_lora(self, x2: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         """Base GEMM (bias folded in) plus every active adapter, for a 2-D ``x2``.
@@ -161,9 +164,9 @@ class _ParallelLoraLayer(LoraLayer):
     def _tag_parameters(self, adapter_name: str) -> None:
         for entry in self.tensors(adapter_name):
             if entry.spec.sharded:
-                D.mark_tp_sharded(entry.param, entry.spec.dim, 1)
+                mark_tp_sharded(entry.param, entry.spec.dim, 1)
             else:
-                D.mark_tp_replicated(entry.param)
+                mark_tp_replicated(entry.param)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict = None) -> dict:
         """megatron-core distributed checkpointing: the base layer's tensors, then every adapter's.
@@ -173,7 +176,7 @@ class _ParallelLoraLayer(LoraLayer):
         loads into the adapted model, and megatron-core's ``LanguageModule`` finds
         ``output_layer.weight`` to tie or mark. ``load_state_dict`` maps them back to
         ``base_layer.*`` (:meth:`LoraLayer._load_base_keys`).
-        Each factor is one :func:`~megalora.distributed.sharded_tensor` under
+        Each factor is one :func:`~megalora.dist_checkpoint_tensors.sharded_tensor` under
         ``<prefix>lora_A.<adapter>.weight`` with its own shard spec: sharded
         factors are written by every TP rank, replicated ones once, and a gated
         ``linear_fc1``'s B (and base weight) in the canonical ``[gate; up]``
@@ -186,11 +189,11 @@ class _ParallelLoraLayer(LoraLayer):
         # Unchanged keys also let megatron-core's MLP apply its SwiGLU layout to a gated
         # linear_fc1's base weight, as it does on the unwrapped layer.
         out = dict(self.get_base_layer().sharded_state_dict(prefix, sharded_offsets, metadata))
-        dp_rank = D.group_rank(metadata["dp_cp_group"])
+        dp_rank = group_rank(metadata["dp_cp_group"])
         for adapter in self.lora_A:
             for entry in self.tensors(adapter):
                 key = f"{prefix}{entry.local_key}"
-                out[key] = D.sharded_tensor(
+                out[key] = sharded_tensor(
                     entry.param, key, entry.spec, self.tp_rank, self.tp_size, dp_rank, tuple(sharded_offsets),
                     singleton,
                 )
@@ -209,7 +212,7 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
 
     def __init__(self, base_layer: nn.Module, *, global_name: str = "", out_chunks: int = 1):
         super().__init__(base_layer, global_name=global_name, out_chunks=out_chunks)
-        self.b_spec = D.ShardSpec(dim=0, chunks=out_chunks)
+        self.b_spec = ShardSpec(dim=0, chunks=out_chunks)
 
     def _forward_active(self, x: torch.Tensor, weight=None, runtime_gather_output=None):
         base = self.get_base_layer()
@@ -239,7 +242,7 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
 class LoraRowParallelLinear(_ParallelLoraLayer):
     """LoRA on a ``RowParallelLinear``: A sharded on its input columns, B replicated."""
 
-    a_spec = D.ShardSpec(dim=1)
+    a_spec = ShardSpec(dim=1)
     b_output_is_partial = True
 
     def _dropout_context(self, adapter: str):
@@ -253,7 +256,7 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
         return get_cuda_rng_tracker().fork()
 
     def _reduce_row_norm_sq(self, norm_sq: torch.Tensor) -> torch.Tensor:
-        return D.all_reduce_sum(norm_sq, self.tp_group)
+        return all_reduce_sum(norm_sq, self.tp_group)
 
     def _forward_active(self, x: torch.Tensor):
         base = self.get_base_layer()
@@ -284,6 +287,6 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
                 bias = self.lora_B[adapter].bias
                 if self._sequence_parallel and self.tp_size > 1:
                     # Each rank adds it to its own sequence shard: a partial grad.
-                    bias = D.scale_grad(bias, float(self.tp_size))
+                    bias = scale_grad(bias, float(self.tp_size))
                 out = out + bias.to(out.dtype) * self.scaling[adapter]
         return out

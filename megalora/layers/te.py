@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as D
+from ..grad_sync import scale_grad
+from ..sharding import ShardSpec
 from .parallel import _mappings, _ParallelLoraLayer
 
 
@@ -59,10 +60,10 @@ class _CallingBaseMixin:
 
     reads_base_weight = False
 
-    def _factor_weight(self, factor: nn.Module, spec: D.ShardSpec) -> torch.Tensor:
+    def _factor_weight(self, factor: nn.Module, spec: ShardSpec) -> torch.Tensor:
         if spec.sharded or self.tp_size == 1 or not self._sequence_parallel:
             return factor.weight
-        return D.scale_grad(factor.weight, float(self.tp_size))
+        return scale_grad(factor.weight, float(self.tp_size))
 
     def _dropout(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         dropout = self.lora_dropout[adapter]
@@ -82,7 +83,7 @@ class LoraColumnCallingBase(_CallingBaseMixin, _ParallelLoraLayer):
 
     def __init__(self, base_layer: nn.Module, *, global_name: str = "", out_chunks: int = 1, input_norm=None):
         super().__init__(base_layer, global_name=global_name, out_chunks=out_chunks)
-        self.b_spec = D.ShardSpec(dim=0, chunks=out_chunks)
+        self.b_spec = ShardSpec(dim=0, chunks=out_chunks)
         # For a layer with a fused input norm: LoRA reads the normalised input.
         self._input_norm = input_norm
 
@@ -111,7 +112,7 @@ class LoraColumnCallingBase(_CallingBaseMixin, _ParallelLoraLayer):
 class LoraRowCallingBase(_CallingBaseMixin, _ParallelLoraLayer):
     """LoRA on a row-parallel layer that keeps its own forward (A column-sharded, B replicated)."""
 
-    a_spec = D.ShardSpec(dim=1)
+    a_spec = ShardSpec(dim=1)
 
     @property
     def _input_differs_across_ranks(self) -> bool:
@@ -135,7 +136,7 @@ class LoraRowCallingBase(_CallingBaseMixin, _ParallelLoraLayer):
             # Not ``bias``: that name holds the base layer's returned bias (skip_bias_add).
             lora_bias = b.bias
             if lora_bias is not None and self._sequence_parallel and self.tp_size > 1:
-                lora_bias = D.scale_grad(lora_bias, float(self.tp_size))  # each rank adds it to its own shard
+                lora_bias = scale_grad(lora_bias, float(self.tp_size))  # each rank adds it to its own shard
             y = F.linear(u, self._factor_weight(b, self.b_spec), lora_bias)
             out = out + (y * self.scaling[adapter]).to(out.dtype)
         return out, bias

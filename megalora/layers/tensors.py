@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import distributed as D
+from ..sharding import ShardSpec, param_shard_spec
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class AdapterTensor:
 
     role: str
     param: nn.Parameter
-    spec: D.ShardSpec
+    spec: ShardSpec
     group: Any
     global_name: str
     local_key: str
@@ -50,13 +50,13 @@ def gated_chunks(module: nn.Module, global_name: str) -> int:
 
     Rank ``k`` of a gated (SwiGLU) fc1 holds ``[gate_k; up_k]``, so its dim-0
     tensors are two blocks sharded separately (see
-    :class:`~megalora.distributed.ShardSpec`). The one place this is decided.
+    :class:`~megalora.sharding.ShardSpec`). The one place this is decided.
     """
     config = getattr(module, "config", None)
     gated = bool(getattr(config, "gated_linear_unit", False))
     return 2 if gated and "linear_fc1" in global_name.split(".") else 1
 
 
-def model_tensor_spec(module: nn.Module, global_name: str, tensor: torch.Tensor) -> D.ShardSpec:
+def model_tensor_spec(module: nn.Module, global_name: str, tensor: torch.Tensor) -> ShardSpec:
     """How a model (non-LoRA) tensor is sharded: megatron-core's own TP attributes on it."""
-    return D.param_shard_spec(tensor, gated_chunks(module, global_name))
+    return param_shard_spec(tensor, gated_chunks(module, global_name))

@@ -322,7 +322,7 @@ def check(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if m.source == "gpt":
         _check_gpt_shape(cfg)
     if world_size is not None:
-        check_layout(cfg, world_size)
+        check_batch_sizes(cfg, world_size)
     cfg.lora_config()  # raises LoraConfig's own named errors
 
 
@@ -348,7 +348,7 @@ def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
     return world_size // mp
 
 
-def check_layout(cfg: JobConfig, world_size: int) -> None:
+def check_batch_sizes(cfg: JobConfig, world_size: int) -> None:
     """Checks batch sizes against the data-parallel size the world size implies."""
     t = cfg.train
     dp = data_parallel_size(cfg, world_size)

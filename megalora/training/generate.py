@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import distributed as D
+from ..collectives import broadcast_object
+from ..sharding import ShardSpec, gather_full
 from ..data import Batch
 
 
@@ -40,7 +41,7 @@ def _next_token_logits(chunks: list, ids: list[int], pad_to: int, copies: int) -
             model=chunks, num_microbatches=copies, seq_length=length, micro_batch_size=1, forward_only=True)
     if not ps.is_pipeline_last_stage():
         return None
-    return D.gather_full(outputs[0]["logits"], D.ShardSpec(dim=0), ps.get_tensor_model_parallel_group())
+    return gather_full(outputs[0]["logits"], ShardSpec(dim=0), ps.get_tensor_model_parallel_group())
 
 
 def greedy_generate(chunks: list, prompt_ids: list[int], max_new_tokens: int, eos_id: int,
@@ -71,7 +72,7 @@ def greedy_generate(chunks: list, prompt_ids: list[int], max_new_tokens: int, eo
         for _ in range(max_new_tokens):
             logits = _next_token_logits(chunks, ids, pad_to, copies)
             token = int(logits[:vocab_limit].argmax()) if logits is not None else None
-            token = D.broadcast_object(token, src=pp - 1, group=ps.get_pipeline_model_parallel_group())
+            token = broadcast_object(token, src=pp - 1, group=ps.get_pipeline_model_parallel_group())
             if token == eos_id:
                 break
             ids.append(token)

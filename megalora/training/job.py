@@ -19,9 +19,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .. import distributed as D
+from ..atomic_write import write_json
+from ..collectives import agree_or_raise, broadcast_object
+from ..launch_env import detect_launch_env
 from . import state as ckpt
-from .config import JobConfig, check_layout, data_parallel_size
+from .config import JobConfig, check_batch_sizes, data_parallel_size
 from .generate import greedy_generate
 from .loop import StepResult, evaluate, train_step
 from .models import build_chunks, hf_config_of, model_vocab_size
@@ -122,8 +124,8 @@ def _prepare_data(cfg: JobConfig, log: Log) -> TaskData:
                                prompt, reference, tokenizer.prompt_ids(prompt), tokenizer.eos_id, tokenizer.vocab_size)
         except (ValueError, OSError, ImportError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-    D.agree_or_raise(D.broadcast_object(error))
-    payload = D.broadcast_object(payload)
+    agree_or_raise(broadcast_object(error))
+    payload = broadcast_object(payload)
     payload.tokenizer = tokenizer  # rank 0 decodes the answers
     log(f"data: {len(payload.train)} train / {len(payload.eval)} eval examples, seq_length "
         f"{cfg.data.seq_length}, tokenizer {cfg.data.tokenizer}")
@@ -144,8 +146,7 @@ def _answer(chunks, data: TaskData, cfg: JobConfig) -> str | None:
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path, "w") as handle:
-        json.dump(obj, handle, indent=1)
+    write_json(path, obj, indent=1)  # atomic: a killed job never leaves a torn summary
 
 
 @dataclass
@@ -185,9 +186,9 @@ def _setup(cfg: JobConfig) -> _Run:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     # Read before init_distributed, which exports RANK & co. for whoever reads them next.
-    launcher = megalora.runtime.detect_launch_env(use_scontrol=False).source
+    launcher = detect_launch_env(use_scontrol=False).source
     megalora.init_distributed()
-    check_layout(cfg, dist.get_world_size())
+    check_batch_sizes(cfg, dist.get_world_size())
     p = cfg.parallel
     megalora.init_parallel(p.tp, p.pp, virtual_pipeline_model_parallel_size=p.vpp, seed=cfg.train.seed)
     log = Log(dist.get_rank() == 0)
@@ -354,4 +355,4 @@ def run(cfg: JobConfig) -> JobSummary:
                 r.log(f"loss curve: {s.plot}")
         _write_json(os.path.join(out, "summary.json"), s.to_dict())
     r.log(f"done in {s.wall_seconds:.1f}s; summary: {os.path.join(out, 'summary.json')}")
-    return D.broadcast_object(r.summary)
+    return broadcast_object(r.summary)

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .. import distributed as D
+from ..collectives import all_reduce_sum, group_size
 from ..data import Batch
 from .config import TrainSection
 from .optim import optimizer_step, zero_grads
@@ -92,7 +92,7 @@ def run_schedule(chunks: list, batches: list[Batch], seq_length: int, forward_on
         for out in outputs:
             totals[0] += float(out["loss_sum"])
             totals[1] += float(out["tokens"])
-    D.all_reduce_sum(totals, dist.group.WORLD)  # None would mean "no group" to group_size
+    all_reduce_sum(totals, dist.group.WORLD)  # None would mean "no group" to group_size
     return float(totals[0]), float(totals[1])
 
 
@@ -108,7 +108,7 @@ def train_step(model: list, optimizer, batches: list[Batch], global_tokens: int,
     for chunk in model:
         chunk.train()
     zero_grads(model, optimizer)
-    dp = D.group_size(_groups()["dp"])
+    dp = group_size(_groups()["dp"])
     # Megatron divides each micro-batch loss by their count; the DP average divides by dp.
     scale = len(batches) * dp / max(global_tokens, 1)
     loss_sum, tokens = run_schedule(model, batches, seq_length, forward_only=False, scale=scale)

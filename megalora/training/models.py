@@ -17,13 +17,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import distributed as D
+from ..sharding import param_shard_spec
+from ..megatron_config import cpu_friendly_config_kwargs
 from ..targeting import global_module_names
 from .config import JobConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_UNFUSED = dict(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-                apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
 
 
 def dtype_of(cfg: JobConfig) -> torch.dtype:
@@ -97,9 +96,8 @@ def gpt_transformer_config(cfg: JobConfig):
         virtual_pipeline_model_parallel_size=p.vpp, sequence_parallel=p.sp,
         # perform_initialization stays on: with it off, megatron-core never tags its
         # TP weights (tensor_model_parallel, partition_dim), and sharding them breaks.
-        use_cpu_initialization=not torch.cuda.is_available(),
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        **_UNFUSED,
+        pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        **cpu_friendly_config_kwargs(params_dtype=dtype, use_cpu_initialization=not torch.cuda.is_available()),
     )
 
 
@@ -133,7 +131,7 @@ def init_gpt_weights(model, cfg: JobConfig) -> None:
             if global_name == "output_layer.weight" and cfg.model.tie_embeddings:
                 global_name = "embedding.word_embeddings.weight"  # the last stage's tied copy
             chunks = 2 if cfg.model.gated_linear_unit and module.endswith("linear_fc1") else 1
-            spec = D.param_shard_spec(param, chunks=chunks)
+            spec = param_shard_spec(param, chunks=chunks)
             full_shape = list(param.shape)
             if spec.sharded:
                 full_shape[spec.dim] *= world
@@ -185,10 +183,10 @@ def check_model_fits(cfg: JobConfig) -> None:
     """
     if cfg.model.source != "hf":
         return
-    from ..hf.build import check_layout, weight_source
+    from ..hf.build import check_layout_fits_model, weight_source
 
     p = cfg.parallel
-    check_layout(weight_source(cfg.model.hf_path).hf_config, p.tp, p.pp, p.vpp)
+    check_layout_fits_model(weight_source(cfg.model.hf_path).hf_config, p.tp, p.pp, p.vpp)
 
 
 def build_chunks(cfg: JobConfig, vocab_size: int) -> list:

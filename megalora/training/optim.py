@@ -25,7 +25,7 @@ CPU. megatron-core's optimizers check tensor types by their CUDA names
 with ``device='cuda'``. :func:`cuda_names_on_cpu` is a torch function mode,
 entered only around the optimizer's construction, step and state I/O, that
 answers CUDA type names for CPU tensors and maps those devices to the CPU. It
-needs :func:`megalora.runtime.enable_cpu_compat` (``torch.cuda.current_device``
+needs :func:`megalora.cpu_compat.enable` (``torch.cuda.current_device``
 and the schedules' CUDA devices) and does nothing when CUDA is available.
 """
 

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .. import distributed as D
+from ..collectives import agree_or_raise
+from ..sharding import gather_full
 
 INITIAL_ADAPTER = "initial_adapter"
 GRADS_DIR = "grads"
@@ -41,9 +42,9 @@ def gathered_grads(peft_model, adapter: str = "default") -> Optional[dict[str, t
         grad = getattr(tensor, "main_grad", None)
         grad = grad if grad is not None else tensor.grad
         grad = grad if grad is not None else torch.zeros_like(tensor)
-        state[key] = D.gather_full(grad.detach().float(), spec, group).to("cpu", copy=True).contiguous()
+        state[key] = gather_full(grad.detach().float(), spec, group).to("cpu", copy=True).contiguous()
     merged, problem = _gather_stages(state)
-    D.agree_or_raise(problem)
+    agree_or_raise(problem)
     return merged
 
 

@@ -29,7 +29,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .. import distributed as D
+from ..atomic_write import write_json, write_text
+from ..collectives import agree_or_raise
 from .optim import load_optimizer_state, optimizer_state
 
 LATEST = "latest"
@@ -92,12 +93,8 @@ def save(root: str, peft_model, optimizer, step: int, meta: dict) -> str:
                os.path.join(path, f"rank_{_rank():05d}.pt"))
     _barrier()
     if _rank() == 0:
-        with open(os.path.join(path, "trainer.json"), "w") as handle:
-            json.dump(dict(meta, step=step), handle, indent=1)
-        tmp = os.path.join(root, f".{LATEST}.tmp")
-        with open(tmp, "w") as handle:
-            handle.write(os.path.basename(path))
-        os.replace(tmp, os.path.join(root, LATEST))
+        write_json(os.path.join(path, "trainer.json"), dict(meta, step=step), indent=1)
+        write_text(os.path.join(root, LATEST), os.path.basename(path))
     _barrier()
     return path
 
@@ -134,7 +131,7 @@ def load(path: str, peft_model, optimizer, layout: dict) -> dict:
     with open(os.path.join(path, "trainer.json")) as handle:
         meta = json.load(handle)
     saved = meta.get("layout", {})
-    D.agree_or_raise(None if saved == layout else (
+    agree_or_raise(None if saved == layout else (
         f"train.resume: {path} was written at layout {saved}, this job runs at {layout}; the optimizer state is "
         "per shard, so resume with the same parallel.*, world size, train.distributed_optimizer and train.bf16 (the adapter in its adapter/ folder loads "
         "at any layout)"))

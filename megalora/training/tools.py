@@ -12,7 +12,7 @@ import os
 
 import torch.distributed as dist
 
-from .config import JobConfig, check_layout
+from .config import JobConfig, check_batch_sizes
 
 MERGED_WEIGHTS = "model.safetensors"
 
@@ -21,7 +21,7 @@ def _start(cfg: JobConfig) -> None:
     import megalora
 
     megalora.init_distributed()
-    check_layout(cfg, dist.get_world_size())
+    check_batch_sizes(cfg, dist.get_world_size())
     p = cfg.parallel
     megalora.init_parallel(p.tp, p.pp, virtual_pipeline_model_parallel_size=p.vpp, seed=cfg.train.seed)
 
@@ -157,7 +157,7 @@ def describe_output(cfg: JobConfig, kind: str, output_dir: str) -> str:
 
 def generate_job(cfg: JobConfig, adapter_dir: str, prompt: str, max_new_tokens=None) -> str:
     """Collective: the greedy answer of base + adapter to ``prompt`` (the same string on every rank)."""
-    from .. import distributed as D
+    from ..collectives import agree_or_raise, broadcast_object
     from ..data import load_tokenizer
     from .generate import greedy_generate
     from .models import model_vocab_size
@@ -172,13 +172,13 @@ def generate_job(cfg: JobConfig, adapter_dir: str, prompt: str, max_new_tokens=N
             payload = (tokenizer.prompt_ids(prompt), tokenizer.eos_id, tokenizer.vocab_size)
         except (ValueError, OSError, ImportError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-    D.agree_or_raise(D.broadcast_object(error))
-    ids, eos, vocab = D.broadcast_object(payload)
+    agree_or_raise(broadcast_object(error))
+    ids, eos, vocab = broadcast_object(payload)
     steps = cfg.job.max_new_tokens if max_new_tokens is None else max_new_tokens
     out = greedy_generate(chunks, ids, steps, eos, min(vocab, model_vocab_size(chunks)),
                           sequence_parallel=cfg.parallel.sp)
     answer = tokenizer.decode(out).strip() if tokenizer is not None else None
-    return D.broadcast_object(answer)
+    return broadcast_object(answer)
 
 
 # ---------------------------------------------------------------------- inspect
@@ -188,12 +188,12 @@ def inspect_adapter(directory: str) -> dict:
     """Modules, ranks, shapes, sizes and the source layout of a saved adapter (files only)."""
     from safetensors import safe_open
 
-    from ..checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+    from ..checkpoint import ADAPTER_WEIGHTS_NAME, CONFIG_NAME, PREFIX
 
-    weights = os.path.join(directory, WEIGHTS_NAME)
+    weights = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights} not found: pass a folder written by save_pretrained "
-                                f"(it holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+                                f"(it holds {CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})")
     config = {}
     if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         with open(os.path.join(directory, CONFIG_NAME)) as handle:

@@ -1,0 +1,1 @@
+"""Helpers for megalora's tests and benchmarks (not needed to use megalora)."""
