@@ -20,7 +20,7 @@ from .config import LoraConfig
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
 from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
                                      unwrap)
-from .replication import restore_shared, unshare_for_merge
+from .replica_sharing import restore_shared, unshare_for_merge
 from .targeting import (ModelChunks, describe_no_match, describe_no_saved_match, find_saved_modules, find_targets,
                         global_module_names)
 

@@ -30,8 +30,8 @@ Under pipeline parallelism (and virtual pipeline chunks):
   the same ``ValueError`` before any tensor moves (:func:`~megalora.collectives.agree_or_raise`).
 
 Merging writes into base weights, and copies have different deltas, so
-:func:`unshare_for_merge` gives a copy private base weights before a merge and
-:func:`restore_shared` puts the shared ones back when the adapters are unloaded
+:func:`~megalora.replica_sharing.unshare_for_merge` gives a copy private base weights before a
+merge and :func:`~megalora.replica_sharing.restore_shared` puts the shared ones back when the adapters are unloaded
 or unmerged.
 
 Limits: replication is applied once, with the first adapter (a later adapter
@@ -52,67 +52,14 @@ import torch
 from torch import nn
 
 from .collectives import agree_or_raise, all_gather_objects, group_rank, group_size, recv_tensors, send_tensors
+from .replica_sharing import SHARED_ATTR
+from .replication_plan import balanced_split, expand_layer_map, layer_map_error, stage_starts
 
-# Set on a base parameter that several layer copies use.
-SHARED_ATTR = "megalora_replica_shared"
 # Stack locations, tried in this order at each level of wrapping. megatron-core's
 # GPTModel has ``decoder.layers``; HF models ``layers`` (Llama), ``encoder.layer``
 # (BERT) or ``h`` (GPT-2, Falcon) under ``model`` / ``transformer`` / ``bert``.
 _STACK_PATHS = ("layers", "encoder.layer", "h", "decoder.layers")
 _WRAPPERS = ("model", "transformer", "bert", "module")
-
-
-# ---------------------------------------------------------------------- the plan
-
-
-def expand_layer_map(layer_map: Sequence[Sequence[int]], num_layers: int) -> list[int]:
-    """The source index of every layer of the new stack.
-
-    Raises:
-        ValueError: If a range is malformed, empty or out of bounds.
-    """
-    error = layer_map_error(layer_map, num_layers)
-    if error:
-        raise ValueError(error)
-    return [i for start, end in layer_map for i in range(start, end)]
-
-
-def layer_map_error(layer_map, num_layers: int) -> Optional[str]:
-    """Why ``layer_map`` is not a valid ``layer_replication`` for ``num_layers`` layers, or ``None``."""
-    fix = (f"Use [start, end) pairs with 0 <= start < end <= {num_layers} (the model's number of layers), "
-           "e.g. [[0, 4], [2, 5]]")
-    if not isinstance(layer_map, (list, tuple)) or not layer_map:
-        return f"layer_replication={layer_map!r} must be a non-empty list of [start, end) ranges. {fix}"
-    for pair in layer_map:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                and all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
-            return f"layer_replication: {pair!r} is not a [start, end) pair of ints. {fix}"
-        start, end = pair
-        if start >= end:
-            return f"layer_replication: range [{start}, {end}) is empty. {fix}"
-        if start < 0 or end > num_layers:
-            return (f"layer_replication: range [{start}, {end}) is out of bounds for a model with {num_layers} "
-                    f"layers. {fix}")
-    return None
-
-
-def balanced_split(total: int, pp: int, vp: int) -> list[list[int]]:
-    """Layers per virtual stage, ``counts[pp_rank][vp_stage]`` (see the module docstring)."""
-    stages = pp * vp
-    base, extra = divmod(total, stages)
-    return [[base + (v * pp + p < extra) for v in range(vp)] for p in range(pp)]
-
-
-def stage_starts(counts: list[list[int]]) -> list[list[int]]:
-    """First global index of each virtual stage, in megatron's virtual-stage order."""
-    pp, vp = len(counts), len(counts[0])
-    starts = [[0] * vp for _ in range(pp)]
-    offset = 0
-    for v in range(vp):
-        for p in range(pp):
-            starts[p][v] = offset
-            offset += counts[p][v]
-    return starts
 
 
 # ---------------------------------------------------------------------- modules
@@ -438,43 +385,3 @@ def replicate_layers(model: nn.Module, layer_map: Sequence[Sequence[int]]) -> di
     else:
         _update_hf_configs(chunks, plan.sources, len(plan.owner))
     return {"sources": plan.sources, "counts": plan.counts, "received": sorted(received)}
-
-
-# ---------------------------------------------------------------------- merging
-
-
-def unshare_for_merge(layer: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> None:
-    """Give a LoRA layer's base private copies of its shared weights (copy-on-merge).
-
-    Called before ``layer.merge(adapter_names=...)``; does nothing when that
-    merge would not write (no unmerged adapter to merge) or the weights are not
-    shared. The shared originals are kept on the layer for :func:`restore_shared`.
-    """
-    names = layer.active_adapters if adapter_names is None else list(adapter_names)
-    names = [n for n in names if n in layer.lora_A and n not in layer.merged_adapters]
-    if not names:
-        return
-    base = layer.get_base_layer()
-    kept = layer.__dict__.setdefault("_megalora_shared_base", {})
-    for name in ["weight"] + (["bias"] if any(layer.lora_bias.get(n) for n in names) else []):
-        param = base._parameters.get(name)
-        if param is None or not getattr(param, SHARED_ATTR, False) or name in kept:
-            continue
-        private = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-        private.__dict__.update({k: v for k, v in param.__dict__.items() if k != SHARED_ATTR})
-        kept[name] = param
-        base._parameters[name] = private
-
-
-def restore_shared(layer: nn.Module) -> None:
-    """Put back the shared base weights that :func:`unshare_for_merge` set aside.
-
-    Only on a fully unmerged layer: the originals were never written, so this
-    also drops the rounding an unmerge leaves behind.
-    """
-    if layer.merged:
-        return
-    kept = layer.__dict__.pop("_megalora_shared_base", {})
-    base = layer.get_base_layer()
-    for name, param in kept.items():
-        base._parameters[name] = param
