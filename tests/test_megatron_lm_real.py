@@ -9,22 +9,27 @@ and the per-rank entry point.
 Each case runs 2 processes through torchrun: a tiny GPT, 3 iterations, bf16,
 the distributed optimizer, ``--save`` and ``--lora-save``, at TP=2 or PP=2,
 with an adapted or fully trained ``output_layer`` (tied and untied
-embeddings). It must exit 0 within the timeout (a hang is killed and fails),
-write the adapter with ``output_layer`` tensors next to the checkpoint and at
-the end, and print the adapter's trainable-parameter count once.
+embeddings). It must exit 0 within the timeout (a hang prints the ranks'
+stacks, is killed and fails), run 3 iterations, write the adapter with full
+(TP-gathered) ``output_layer`` tensors next to the checkpoint and at the end,
+and print the adapter's trainable-parameter count once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from tests import procs
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY = REPO / "tests" / "megatron_lm_real" / "run_pretrain_gpt.py"
@@ -41,13 +46,17 @@ pytestmark = [
                        reason="Megatron-LM's training package needs six: pip install six"),
 ]
 
+VOCAB, HIDDEN = 128, 64
+# NullTokenizer adds an end-of-document token (129), which Megatron-LM pads to a multiple of
+# --make-vocab-size-divisible-by times TP: the output layer has 256 rows at TP=1 and TP=2.
+PADDED_VOCAB = 256
 # Tiny GPT on mock data, CPU-only settings (local transformer, no fused kernels, gloo).
 BASE_ARGS = """
---num-layers 4 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4
+--num-layers 4 --hidden-size {HIDDEN} --ffn-hidden-size 128 --num-attention-heads 4
 --seq-length 32 --max-position-embeddings 32
 --micro-batch-size 2 --global-batch-size 4 --train-iters 3
 --lr 1e-3 --min-lr 1e-4 --lr-decay-style constant --clip-grad 1.0 --seed 1234
---mock-data --tokenizer-type NullTokenizer --vocab-size 128 --make-vocab-size-divisible-by 128
+--mock-data --tokenizer-type NullTokenizer --vocab-size {VOCAB} --make-vocab-size-divisible-by {VOCAB}
 --transformer-impl local --use-cpu-initialization --distributed-backend gloo
 --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion
 --no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm
@@ -55,7 +64,7 @@ BASE_ARGS = """
 --log-interval 1 --eval-iters 0 --eval-interval 1000 --split 99,1,0
 --distributed-timeout-minutes 5
 --bf16 --use-distributed-optimizer
-""".split()
+""".format(VOCAB=VOCAB, HIDDEN=HIDDEN).split()
 LORA_OUTPUT = "--lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2 output_layer".split()
 SAVE_OUTPUT = ["--lora-modules-to-save", "output_layer"]
 UNTIE = ["--untie-embeddings-and-output-weights"]
@@ -70,12 +79,19 @@ CASES = {
 TRAINABLE_LINE = re.compile(r"^trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%", re.M)
 
 
+def _print_rank_stacks(torchrun_pid: int) -> None:
+    """Asks each rank to write its Python stacks to the log (its SIGUSR1 handler), so a hang shows where."""
+    for pid in procs.descendants(torchrun_pid):
+        if str(ENTRY) in procs.cmdline(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+    time.sleep(3)
+
+
 def _run(args: list[str], workdir: Path) -> tuple[int, str]:
-    """Runs the 2-rank job in its own process group; on timeout kills the group and returns rc -9."""
+    """Runs the 2-rank job in its own process group; on timeout kills it and every descendant, returns rc -9."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           # ranks print their stacks shortly before the kill, so a hang shows where it is
-           "STACKS_AFTER_S": str(max(TIMEOUT_S - 30, 1))}
+           "CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = workdir / "run.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ENTRY), *args]
@@ -85,17 +101,22 @@ def _run(args: list[str], workdir: Path) -> tuple[int, str]:
         try:
             rc = proc.wait(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
+            _print_rank_stacks(proc.pid)
+            # torchrun starts each rank in a session of its own, so its group alone is not enough.
+            tree = procs.descendants(proc.pid)
+            os.killpg(proc.pid, signal.SIGKILL)
+            procs.end(tree, grace_s=0)
             proc.wait()
             rc = -9
     return rc, log.read_text(errors="replace")
 
 
-def _tensor_names(path: Path) -> list[str]:
+def _output_layer_shapes(path: Path) -> dict[str, list[int]]:
+    """Shapes of the ``output_layer`` tensors in a saved adapter (read without loading them)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        return list(handle.keys())
+        return {n: handle.get_slice(n).get_shape() for n in handle.keys() if ".output_layer." in n}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -113,11 +134,10 @@ def test_pretrain_gpt_with_lora(case, tmp_path):
     for folder in ("iter_0000003", "final"):
         adapter = tmp_path / "adapters" / folder
         assert (adapter / "adapter_config.json").is_file(), f"{case}: no adapter config in {adapter}"
-        names = _tensor_names(adapter / "adapter_model.safetensors")
-        output = [n for n in names if ".output_layer." in n]
+        shapes = _output_layer_shapes(adapter / "adapter_model.safetensors")
+        # The saved file holds full tensors: the vocabulary dimension is gathered across TP.
         if "--lora-modules-to-save" in lora:
-            assert output, f"{case}: {folder} holds no output_layer copy; tensors: {names}"
+            assert shapes == {"base_model.model.output_layer.weight": [PADDED_VOCAB, HIDDEN]}, f"{case}/{folder}: {shapes}"
         else:
-            for factor in ("lora_A", "lora_B"):
-                assert any(f"output_layer.{factor}" in n for n in output), (
-                    f"{case}: {folder} lacks output_layer.{factor}; tensors: {names}")
+            a, b = (shapes.get(f"base_model.model.output_layer.lora_{f}.weight") for f in "AB")
+            assert a and b and a[1] == HIDDEN and b[0] == PADDED_VOCAB, f"{case}/{folder}: {shapes}"

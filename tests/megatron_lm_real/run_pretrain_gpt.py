@@ -8,14 +8,15 @@ Started by ``tests/test_megatron_lm_real.py``; by hand::
     MEGATRON_LM_PATH=/path/to/Megatron-LM python -m torch.distributed.run --standalone \\
         --nproc_per_node 2 tests/megatron_lm_real/run_pretrain_gpt.py <pretrain_gpt.py and --lora-* args>
 
-``STACKS_AFTER_S=<seconds>`` makes every rank print its Python stacks after
-that long, so that a test killing a hung run shows where it hung.
+``kill -USR1 <rank pid>`` makes that rank print its Python stacks (the test
+does so before killing a run that timed out, to show where it hung).
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import runpy
 import sys
 
@@ -41,8 +42,7 @@ def main() -> None:
     if not os.path.isfile(os.path.join(megatron_lm, "pretrain_gpt.py")):
         sys.exit(f"run_pretrain_gpt.py: MEGATRON_LM_PATH={megatron_lm!r} holds no pretrain_gpt.py")
     _set_paths(megatron_lm)
-    if os.environ.get("STACKS_AFTER_S"):
-        faulthandler.dump_traceback_later(float(os.environ["STACKS_AFTER_S"]), exit=False)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     import cpu_patch
 
