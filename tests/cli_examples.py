@@ -54,7 +54,7 @@ def all_examples() -> list[tuple[str, str]]:
 def kind(command: str) -> str:
     """How the suite exercises ``command``; ``""`` if it does not know (a new kind of example)."""
     if "launch/pretrain_gpt_lora.py" in command:
-        return "megatron-lm"  # needs a GPU and a Megatron-LM checkout; the plug-in: tests/test_megatron_lm_plugin.py
+        return "megatron-lm"  # needs a GPU and a Megatron-LM checkout; the plug-in: tests/integrations/test_megatron_lm.py
     words = shlex.split(command)
     if command.startswith("bash launch/setup.sh && "):
         return kind(command[len("bash launch/setup.sh && "):])  # setup itself: .ci/run, on a fresh machine
@@ -67,9 +67,9 @@ def kind(command: str) -> str:
     if words[0] == "launch/torchrun.sh":
         return "torchrun.sh"
     if re.match(r"^NP=\d+ ", command) and "launch/mpirun.sh" in words:
-        return "mpirun.sh"  # tests/test_launch.py runs it at NP=2; larger ones: config checks here
+        return "mpirun.sh"  # tests/cli/test_launch_scripts.py runs it at NP=2; larger ones: config checks here
     if words[0] == "sbatch":
-        return "sbatch"  # tests/test_launch.py runs both scripts under srun/scontrol stand-ins
+        return "sbatch"  # tests/cli/test_launch_scripts.py runs both scripts under srun/scontrol stand-ins
     if words[0] in ("git", "export") and "Megatron-LM" in command:
         return "megatron-lm"
     return ""

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from tests import procs
+from tests import procs, worker_state
 from tests.multirank import run_on_ranks, shutdown_pools
 
 
@@ -42,6 +42,19 @@ def _multirank_pools():
     """Stops the persistent worker pools when the test session ends."""
     yield
     shutdown_pools()
+
+
+@pytest.fixture(scope="session")
+def _clean_state():
+    """This process's state before any test ran (the pool's workers keep their own)."""
+    return worker_state.capture()
+
+
+@pytest.fixture(autouse=True)
+def _restore_state(_clean_state):
+    """Puts back megalora's and megatron-core's module state after each test run in this process."""
+    yield
+    worker_state.restore(_clean_state, process=False)
 
 
 @pytest.fixture

@@ -14,8 +14,11 @@ Failure handling, so one bad test never poisons the next:
   collective; the pool is killed, the call fails naming them, and the next
   call spawns a fresh pool. Once one rank has failed, the others get only a
   short grace period, since they are most likely waiting on the failed rank.
-* After every task a worker tears down Megatron's parallel state, so each
-  test starts from a bare world group and calls ``init_parallel`` itself.
+* After every task a worker puts back the state it started with
+  (:mod:`tests.worker_state`): Megatron's parallel state, megalora's module
+  globals, the CPU patches, the RNGs, the environment. So each test starts
+  from a bare world group and calls ``init_parallel`` itself, whatever ran
+  before it on the same workers.
 
 Example::
 
@@ -105,9 +108,11 @@ def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_
         # The pool's own timeout ends stuck collectives long before gloo's does.
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=30))
-        from megalora import cpu_compat, parallel_start
+        from megalora import cpu_compat
+        from tests import worker_state
 
         cpu_compat.enable()
+        baseline = worker_state.capture()
     except BaseException:  # noqa: BLE001 - e.g. megalora fails to import
         reply("err", None, traceback.format_exc(), "")
         raise
@@ -133,8 +138,7 @@ def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_
             else:
                 status, value = "err", traceback.format_exc()
         try:
-            if parallel_start.is_initialized():
-                parallel_start.destroy_parallel()
+            worker_state.restore(baseline, process=True)
         except Exception:  # noqa: BLE001
             if status == "ok":
                 status, value = "err", "cleanup failed:\n" + traceback.format_exc()

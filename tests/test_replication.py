@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests import gpt_utils as G
-from tests.test_pipeline import (
+from tests.test_targeting import (
     adapted_layers,
     assert_close_dicts,
     assert_losses_close,

@@ -19,7 +19,7 @@ import torch
 
 from tests import gpt_utils as G
 from tests import io_utils as U
-from tests.test_pipeline import assert_close_dicts, assert_losses_close, last_stage_losses
+from tests.test_targeting import assert_close_dicts, assert_losses_close, last_stage_losses
 
 STEPS = 4
 NUM_LAYERS = 2

@@ -1,6 +1,6 @@
 """CPU/gloo patches that let Megatron-LM's unmodified ``pretrain_gpt.py`` (tag core_v0.16.1) run without a GPU.
 
-TEST HARNESS ONLY (``tests/test_megatron_lm_real.py``). Megatron-LM's
+TEST HARNESS ONLY (``tests/integrations/test_megatron_lm_real.py``). Megatron-LM's
 ``initialize`` asserts CUDA, so this fakes ``torch.cuda.is_available()``;
 that is acceptable for a test of Megatron-LM's training loop and must never
 happen in the library. Because CUDA then looks present, megalora's own CPU

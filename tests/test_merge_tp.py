@@ -1,6 +1,6 @@
 """add_weighted_adapter under tensor parallelism: TP=2 gives TP=1's adapter, bit for bit.
 
-The plain-layer PEFT oracle lives in tests/test_weighted_adapter.py. Here one
+The plain-layer PEFT oracle lives in tests/test_merge.py. Here one
 body on 2 ranks builds the same model and adapters (moved off their init by
 layout-invariant noise) at TP=1 and at TP=2 (gated fc1 included), runs every
 combination type, and compares the gathered results exactly. At TP=2 the two

@@ -2,7 +2,7 @@
 
 Optional: skipped unless ``MEGATRON_LM_PATH`` points at a Megatron-LM checkout
 (``git clone -b core_v0.16.1 https://github.com/NVIDIA/Megatron-LM``). No
-Megatron-LM code lives in this repository; ``tests/megatron_lm_real/`` holds
+Megatron-LM code lives in this repository; ``tests/integrations/megatron_lm_real/`` holds
 only the CPU/gloo patches (test-only: they fake ``torch.cuda.is_available()``)
 and the per-rank entry point.
 
@@ -31,8 +31,8 @@ import pytest
 
 from tests import procs
 
-REPO = Path(__file__).resolve().parent.parent
-ENTRY = REPO / "tests" / "megatron_lm_real" / "run_pretrain_gpt.py"
+REPO = Path(__file__).resolve().parents[2]
+ENTRY = Path(__file__).resolve().parent / "megatron_lm_real" / "run_pretrain_gpt.py"
 MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH", "")
 # A case takes about a minute on 2 idle cores; a loaded machine needs more. Override for slower hosts.
 TIMEOUT_S = float(os.environ.get("MEGATRON_LM_TEST_TIMEOUT_S", "900"))

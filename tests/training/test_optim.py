@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.multirank import run_on_ranks
-from tests.test_train import QUICK, TINY, _adapter, _assert_same_training, _resume_body, _run
+from tests.training.test_job import QUICK, TINY, _adapter, _assert_same_training, _resume_body, _run
 
 DIST_OPT = ["train.distributed_optimizer=true"]
 

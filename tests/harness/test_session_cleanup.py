@@ -19,13 +19,13 @@ import pytest
 
 from tests import procs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TAG = "MEGALORA_LEAK_TAG"
 
 INNER = '''
 import os, subprocess, sys
 from tests.multirank import run_on_ranks
-from tests.test_runtime import _all_reduce_rank, _raise_on_rank_1, _stuck_collective
+from tests.harness.test_multirank import _all_reduce_rank, _raise_on_rank_1, _stuck_collective
 
 
 def test_passes():

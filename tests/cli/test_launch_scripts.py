@@ -29,7 +29,7 @@ import pytest
 
 from megalora.cli import child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = "configs/tiny_gpt.yaml"
 QUICK = ["train.steps=3", "job.max_new_tokens=0", "job.merge_check=false", "job.plot=false", "job.eval_base=false",
          "train.eval_every=0", "train.log_every=0", "data.num_train=32", "data.num_eval=8"]

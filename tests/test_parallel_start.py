@@ -1,4 +1,4 @@
-"""Tests of process start-up (launch_env, parallel_start) and of the multi-rank CPU harness.
+"""Tests of megalora.parallel_start on real megatron-core, on CPU through megalora.cpu_compat.
 
 The megatron checks compare every parallel layout against the world-size-1
 result for the same seed: with ``use_cpu_initialization=True`` Megatron draws
@@ -8,174 +8,13 @@ the same weights and must give the same loss.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from megalora import cpu_compat, launch_env, lora_seed, parallel_start
-from megalora.launch_env import LaunchEnv, detect_launch_env
-from tests import multirank
-from tests.multirank import MultiRankError, run_on_ranks
+from megalora import cpu_compat, lora_seed, parallel_start
+from tests.multirank import run_on_ranks
 
 VOCAB, HIDDEN, HEADS, SEQ, MBS = 128, 64, 4, 16, 2
-
-# --------------------------------------------------------------------------
-# (a) launcher environments, no processes needed
-# --------------------------------------------------------------------------
-
-
-def test_detect_torchrun():
-    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234", "SLURM_PROCID": "0",
-           "SLURM_NTASKS": "2"}
-    assert detect_launch_env(env) == LaunchEnv(3, 8, 1, "10.0.0.1", 1234, "torchrun")
-
-
-def test_detect_slurm():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-           "SLURM_JOB_NODELIST": "gpu-[07-10,12],cpu1", "SLURM_JOB_ID": "4242"}
-    le = detect_launch_env(env, use_scontrol=False)
-    assert le == LaunchEnv(5, 8, 1, "gpu-07", 10000 + 4242 % 20000, "slurm")
-    env.update(MASTER_ADDR="head", MASTER_PORT="29999")
-    le = detect_launch_env(env, use_scontrol=False)
-    assert (le.master_addr, le.master_port) == ("head", 29999)
-
-
-@pytest.mark.parametrize("nodelist, first", [
-    ("node[01-04]", "node01"), ("a,b", "a"), ("single", "single"),
-    ("rack[2-3]-n[5,7]", "rack2-n5"), ("x[9]", "x9"),
-])
-def test_slurm_nodelist_forms(nodelist, first):
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": nodelist}
-    assert detect_launch_env(env, use_scontrol=False).master_addr == first
-
-
-def test_detect_mpi():
-    ompi = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
-            "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
-    assert detect_launch_env(ompi) == LaunchEnv(2, 4, 0, None, None, "mpi")
-    pmi = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MASTER_ADDR": "h",
-           "MASTER_PORT": "7"}
-    assert detect_launch_env(pmi) == LaunchEnv(1, 2, 1, "h", 7, "mpi")
-
-
-def test_mpi_rendezvous_through_mpi4py(monkeypatch):
-    import sys
-    import types
-
-    class Comm:
-        def __init__(self, rank):
-            self.rank, self.sent = rank, None
-
-        def Get_rank(self):
-            return self.rank
-
-        def bcast(self, obj, root=0):
-            self.sent = obj
-            return obj if self.rank == root else ("10.1.2.3", 4567)
-
-    le = LaunchEnv(0, 4, 0, None, None, "mpi")
-    for rank, expected_host in ((0, None), (3, "10.1.2.3")):
-        comm = Comm(rank)
-        fake = types.ModuleType("mpi4py")
-        fake.MPI = types.SimpleNamespace(COMM_WORLD=comm)
-        monkeypatch.setitem(sys.modules, "mpi4py", fake)
-        got = launch_env._agree_rendezvous_mpi(dataclasses.replace(le, rank=rank), {})
-        if rank == 0:  # rank 0 picks host and a free port and broadcasts them
-            assert comm.sent == (got.master_addr, got.master_port) and got.master_port > 0
-        else:
-            assert comm.sent is None and (got.master_addr, got.master_port) == (expected_host, 4567)
-
-
-def test_detect_single_process_default():
-    assert detect_launch_env({}) == LaunchEnv(0, 1, 0, "127.0.0.1", None, "single")
-
-
-# --------------------------------------------------------------------------
-# (b)-(d) the harness itself
-# --------------------------------------------------------------------------
-
-
-def _all_reduce_rank(offset):
-    import torch.distributed as dist
-
-    t = torch.tensor([float(dist.get_rank() + 1)])
-    dist.all_reduce(t)
-    return dist.get_rank() + offset, t.item()
-
-
-def _raise_on_rank_1():
-    import torch.distributed as dist
-
-    if dist.get_rank() == 1:
-        raise ValueError("boom from rank 1")
-    return "fine"
-
-
-def _raise_then_stuck():
-    import torch.distributed as dist
-
-    if dist.get_rank() == 1:
-        raise ValueError("rank 1 gave up before the collective")
-    dist.all_reduce(torch.ones(1))
-
-
-def _stuck_collective():
-    import torch.distributed as dist
-
-    if dist.get_rank() == 0:
-        dist.all_reduce(torch.ones(1))  # rank 1 never joins
-    return "left"
-
-
-def test_all_reduce_returns_per_rank_values():
-    assert run_on_ranks(2, _all_reduce_rank, 10) == [(10, 3.0), (11, 3.0)]
-
-
-def test_exception_reports_rank_traceback_and_pool_survives():
-    run_on_ranks(2, _all_reduce_rank, 0)
-    pool = multirank._POOLS[2]
-    with pytest.raises(MultiRankError) as info:
-        run_on_ranks(2, _raise_on_rank_1)
-    msg = str(info.value)
-    assert "rank 1 failed" in msg and "ValueError: boom from rank 1" in msg
-    assert "_raise_on_rank_1" in msg and "rank 0 failed" not in msg
-    # Every rank answered, so nobody can be stuck: the same pool is reused.
-    assert run_on_ranks(2, _all_reduce_rank, 0) == [(0, 3.0), (1, 3.0)]
-    assert multirank._POOLS[2] is pool
-
-
-def test_failure_leaving_a_rank_stuck_respawns(monkeypatch):
-    monkeypatch.setattr(multirank, "_GRACE_AFTER_FAILURE_S", 1.0)
-    with pytest.raises(MultiRankError) as info:
-        run_on_ranks(2, _raise_then_stuck, timeout_s=60)
-    msg = str(info.value)
-    assert "rank 1 gave up" in msg and "ranks [0] did not answer after another rank" in msg
-    assert run_on_ranks(2, _all_reduce_rank, 0) == [(0, 3.0), (1, 3.0)]
-
-
-def test_stuck_collective_times_out_then_recovers():
-    import time
-
-    start = time.monotonic()
-    with pytest.raises(MultiRankError, match=r"ranks \[0\] did not answer within timeout_s=4"):
-        run_on_ranks(2, _stuck_collective, timeout_s=4)
-    assert time.monotonic() - start < 15
-    assert run_on_ranks(2, _all_reduce_rank, 0) == [(0, 3.0), (1, 3.0)]
-
-
-def test_local_function_is_rejected():
-    def local():
-        return 1
-
-    with pytest.raises(TypeError, match="module-level"):
-        run_on_ranks(2, local)
-
-
-# --------------------------------------------------------------------------
-# (e) real megatron-core on CPU
-# --------------------------------------------------------------------------
 
 
 def _rng_fork_and_seed():

@@ -3,10 +3,10 @@
 Applies :mod:`cpu_patch`, then runs this repository's
 ``launch/pretrain_gpt_lora.py`` exactly as a user would, which in turn runs the
 unmodified ``pretrain_gpt.py`` of the checkout at ``$MEGATRON_LM_PATH``.
-Started by ``tests/test_megatron_lm_real.py``; by hand::
+Started by ``tests/integrations/test_megatron_lm_real.py``; by hand::
 
     MEGATRON_LM_PATH=/path/to/Megatron-LM python -m torch.distributed.run --standalone \\
-        --nproc_per_node 2 tests/megatron_lm_real/run_pretrain_gpt.py <pretrain_gpt.py and --lora-* args>
+        --nproc_per_node 2 tests/integrations/megatron_lm_real/run_pretrain_gpt.py <pretrain_gpt.py and --lora-* args>
 
 ``kill -USR1 <rank pid>`` makes that rank print its Python stacks (the test
 does so before killing a run that timed out, to show where it hung).
@@ -21,7 +21,7 @@ import runpy
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 
 
 def _set_paths(megatron_lm: str) -> None:

@@ -4,7 +4,7 @@ Oracle: the same reference weights at both layouts, the same adapter (moved
 away from its init by layout-invariant noise); the logits after loading must
 equal the logits where the adapter was saved, and the loaded tensors must equal
 the file's bit for bit. HF PEFT reading a plain model's adapter is covered by
-tests/test_plain_api.py::test_save_load_both_directions.
+tests/test_peft_model.py::test_save_load_both_directions.
 """
 
 from __future__ import annotations
