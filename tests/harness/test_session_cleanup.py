@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TAG = "MEGALORA_LEAK_TAG"
 
 INNER = '''
-import os, subprocess, sys
+import os, subprocess, sys, time
 from tests.multirank import run_on_ranks
 from tests.harness.test_multirank import _all_reduce_rank, _raise_on_rank_1, _stuck_collective
 
@@ -46,7 +46,15 @@ def test_blocks():  # interrupted from outside
 
 
 def test_loses_a_process():  # a test bug the session check must catch
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    ready = os.environ["MARKER"] + ".lost"
+    subprocess.Popen([sys.executable, "-c", f"import time; open({ready!r}, 'w').close(); time.sleep(600)"],
+                     start_new_session=True)
+    # Until its exec is done, the child's /proc cmdline can read empty (seen on a loaded machine):
+    # wait for it to run, so the session's report names it.
+    for _ in range(1200):
+        if os.path.exists(ready):
+            break
+        time.sleep(0.1)
 '''
 
 
