@@ -271,7 +271,7 @@ def _generate(args, argv) -> int:
 
 
 def _inspect(args, _argv) -> int:
-    from .training.tools import format_inspect, inspect_adapter
+    from .training.inspect import format_inspect, inspect_adapter
 
     info = inspect_adapter(args.adapter_dir)
     if args.json:
@@ -290,7 +290,7 @@ SINGLE_OVERRIDES = ("parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "para
 
 def _verify(args, _argv) -> int:
     from .training import load
-    from .training.tools import compare_runs, format_verify
+    from .training.verify import compare_runs, format_verify
 
     if under_launcher():
         raise SystemExit("megalora verify starts its own processes; run it from a shell, not under a launcher")
@@ -308,7 +308,7 @@ def _verify(args, _argv) -> int:
         if code:
             print(f"megalora verify: the {name} run failed (exit {code})", file=sys.stderr)
             return code
-    # Unset tolerances keep compare_runs' defaults (justified in training/tools.py).
+    # Unset tolerances keep compare_runs' defaults (justified in training/verify.py).
     tols = {f"{k}_tol": getattr(args, f"{k}_tol") for k in ("loss", "grad", "weight")
             if getattr(args, f"{k}_tol") is not None}
     report = compare_runs(f"{work}/layout", f"{work}/single", **tols)

@@ -109,7 +109,7 @@ def _job_body(root: str):
 
 
 def test_tiny_job_end_to_end(tmp_path):
-    from megalora.training.tools import inspect_adapter
+    from megalora.training.inspect import inspect_adapter
 
     summaries = run_on_ranks(2, _job_body, str(tmp_path))
     s = summaries[0]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from megalora.training.record import INITIAL_ADAPTER, grads_file
-from megalora.training.tools import compare_runs
+from megalora.training.verify import compare_runs
 
 A = "base_model.model.decoder.layers.0.mlp.linear_fc1.lora_A.weight"
 B = "base_model.model.decoder.layers.0.mlp.linear_fc1.lora_B.weight"
