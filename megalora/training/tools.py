@@ -204,6 +204,9 @@ def inspect_adapter(directory: str) -> dict:
     from ..checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 
     weights = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory!r} does not exist: pass a folder written by save_pretrained "
+                                f"(e.g. runs/tiny_gpt/adapter)")
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights} not found: pass a folder written by save_pretrained "
                                 f"(it holds {CONFIG_NAME} and {WEIGHTS_NAME})")
