@@ -85,7 +85,9 @@ def _examples_of(config: str) -> list[str]:
     seen = []
     for _, cmd in EX.all_examples():
         cmd = cmd.replace(".venv/bin/megalora", "megalora").replace("bash launch/setup.sh && ", "")
-        if config in cmd and EX.kind(cmd) in ("megalora", "torchrun", "torchrun.sh") and cmd not in seen:
+        # inspect examples name no config, only the run folder it writes (runs/tiny_gpt/adapter).
+        mine = config in cmd or f"runs/{os.path.basename(config)[:-len('.yaml')]}/" in cmd
+        if mine and EX.kind(cmd) in ("megalora", "torchrun", "torchrun.sh") and cmd not in seen:
             seen.append(cmd)
     # Train first: the other verbs read its adapter.
     return sorted(seen, key=lambda c: 0 if (" train " in c or "megalora.train" in c or "torchrun.sh" in c) else 1)
@@ -206,6 +208,10 @@ def test_smollm2_examples(tmp_path):
     assert peft_model.peft_config["default"].base_model_name_or_path == str(work / "runs/hf_peft/base")
     generate = next(p for c, p in procs.items() if " generate " in c)
     assert generate.stdout.strip()
+    # 30 layers x 4 targets; --all lists each.
+    inspect = {"--all" in c: p.stdout for c, p in procs.items() if " inspect " in c}
+    assert "120 modules, ranks [16]" in inspect[False] and "--all lists every module" in inspect[False]
+    assert sum("decoder.layers." in line for line in inspect[True].splitlines()) == 120
 
 
 def _assert_verified(report: dict, steps: int, tensors: int, grad_rounding: float = 1e-5) -> None:
