@@ -25,8 +25,7 @@ import sys
 import tempfile
 from typing import Optional, Sequence
 
-from .launcher import child_env, launch, quiet_other_ranks, report_rank_error, strip_option, torchrun_command, \
-    under_launcher
+from .launcher import child_env, launch, print_error, quiet_other_ranks, strip_option, under_launcher
 
 TRAIN_EXAMPLES = """examples:
   megalora train configs/smollm2_cpu.yaml                 # the main job: SmolLM2 at TP=3 on CPU
@@ -90,7 +89,7 @@ INSPECT_EXAMPLES = """examples:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML job config (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+    p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
                    help="config overrides, e.g. train.steps=20 lora.r=8 parallel.tp=1")
 
 
@@ -166,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _nproc(cfg, requested: Optional[int]) -> int:
     nproc = requested or cfg.model_parallel_size()
     if nproc % cfg.model_parallel_size():
-        raise SystemExit(f"megalora: --nproc {nproc} is not a multiple of parallel.tp x parallel.pp = "
-                         f"{cfg.model_parallel_size()}")
+        raise ValueError(f"--nproc {nproc} is not a multiple of parallel.tp x parallel.pp = "
+                         f"{cfg.model_parallel_size()}; pass a multiple (the rest is data parallelism)")
     return nproc
 
 
@@ -266,6 +265,9 @@ def _generate(args, argv) -> int:
         answer = generate_job(cfg, args.adapter, args.prompt, args.max_new_tokens)
         if _rank0():
             print(answer, flush=True)
+            if not answer:
+                print("megalora generate: note: the answer is empty (the model ended it, or wrote only "
+                      "whitespace, at once)", file=sys.stderr, flush=True)
 
     return _run_here_or_launch(args, argv, body)
 
@@ -290,21 +292,33 @@ SINGLE_OVERRIDES = ("parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "para
 
 def _verify(args, _argv) -> int:
     from .training import load
+    from .training.config import check_batch_sizes
+    from .training.models import check_model_fits
     from .training.verify import compare_runs, format_verify
 
     if under_launcher():
         raise SystemExit("megalora verify starts its own processes; run it from a shell, not under a launcher")
-    cfg = load(args.config, args.overrides)
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: pass an integer >= 1")
+    common = [*args.overrides, *VERIFY_OVERRIDES, f"train.steps={args.steps}"]
+    # Both runs' configs are checked here, so that no rank starts for an error the parent can see.
+    cfg = load(args.config, common)
+    load(args.config, [*common, *SINGLE_OVERRIDES])
     nproc = _nproc(cfg, args.nproc)
+    check_batch_sizes(cfg, nproc)
+    check_model_fits(cfg)
     work = args.workdir or tempfile.mkdtemp(prefix="megalora-verify-")
-    common = [args.config, *args.overrides, *VERIFY_OVERRIDES, f"train.steps={args.steps}"]
-    runs = (("layout", torchrun_command(nproc, "megalora.train", [*common, f"job.output_dir={work}/layout"])),
-            ("single", [sys.executable, "-m", "megalora.train", *common, *SINGLE_OVERRIDES,
-                        f"job.output_dir={work}/single"]))
-    for name, cmd in runs:
+    quiet = subprocess.DEVNULL if args.json else None
+    runs = (("layout", [args.config, *common, f"job.output_dir={work}/layout"]),
+            ("single", [args.config, *common, *SINGLE_OVERRIDES, f"job.output_dir={work}/single"]))
+    for name, train_args in runs:
         if not args.json:
-            print(f"megalora verify: {name} run: {' '.join(cmd[1:])}", flush=True)
-        code = subprocess.call(cmd, env=child_env(), stdout=subprocess.DEVNULL if args.json else None)
+            print(f"megalora verify: {name} run: python -m megalora.train {' '.join(train_args)}", flush=True)
+        if name == "layout" and nproc > 1:
+            code = launch(nproc, "megalora.train", train_args, stdout=quiet)
+        else:
+            code = subprocess.call([sys.executable, "-m", "megalora.train", *train_args], env=child_env(),
+                                   stdout=quiet)
         if code:
             print(f"megalora verify: the {name} run failed (exit {code})", file=sys.stderr)
             return code
@@ -339,9 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Config and input errors carry their fix; a traceback would only bury it.
         if os.environ.get("MEGALORA_TRACEBACK"):
             raise
-        message = f"megalora {args.verb}: error: {exc}"
-        if not report_rank_error(message):  # under the CLI's launcher, the parent prints it once
-            print(message, file=sys.stderr)
+        print_error(f"megalora {args.verb}: error: {exc}")  # under the CLI's launcher, the parent prints it
         return 2
     except BrokenPipeError:
         # `megalora inspect ... | head`: the reader left; Python would complain at exit too.

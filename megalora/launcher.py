@@ -89,6 +89,17 @@ def report_rank_error(message: str) -> bool:
     return True
 
 
+def print_error(message: str) -> None:
+    """A config or input error, once: stored for the CLI's launcher, else printed by rank 0.
+
+    Every rank parses the same config and checks the same inputs, so every
+    rank raises the same error; N copies of it (and N tracebacks) would only
+    bury it.
+    """
+    if not report_rank_error(message) and launched_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
 def quiet_other_ranks() -> None:
     """On ranks other than 0: no import-time warnings and no progress bars, which every rank would repeat.
 
@@ -101,17 +112,19 @@ def quiet_other_ranks() -> None:
     if not under_launcher() or launched_rank() == 0:
         return
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex)( and Apex)? (is|are) not installed")
+    # The rest of megatron's start-up warnings (e.g. TransformerConfig's cuda_graph_scope note): rank 0 shows them.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_* variables as default arguments
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
-def launch(nproc: int, module: str, args: Sequence[str]) -> int:
+def launch(nproc: int, module: str, args: Sequence[str], stdout=None) -> int:
     """Runs ``module args`` on ``nproc`` ranks; returns the exit status (errors printed once)."""
     errors = tempfile.mkdtemp(prefix="megalora-errors-")
     env = child_env()
     env[ERROR_DIR_ENV] = errors
     try:
-        return subprocess.call(torchrun_command(nproc, module, args), env=env)
+        return subprocess.call(torchrun_command(nproc, module, args), env=env, stdout=stdout)
     finally:
         shutil.rmtree(errors, ignore_errors=True)
 

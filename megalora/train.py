@@ -22,12 +22,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megalora.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="a YAML job config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=20 lora.r=8")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides, e.g. train.steps=20 lora.r=8")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .launcher import quiet_other_ranks
+    from .launcher import print_error, quiet_other_ranks
 
     quiet_other_ranks()
     args = parser().parse_args(argv)
@@ -35,8 +35,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     from .training import load, run
 
-    cfg = load(args.config, args.overrides)
-    run(cfg)
+    try:
+        run(load(args.config, args.overrides))
+    except (ValueError, FileNotFoundError) as exc:
+        # Config and input errors carry their fix and are raised on every rank: one line, once.
+        if os.environ.get("MEGALORA_TRACEBACK"):
+            raise
+        print_error(f"python -m megalora.train: error: {exc}")
+        return 2
     return 0
 
 

@@ -12,6 +12,9 @@ def inspect_adapter(directory: str) -> dict:
     from ..checkpoint import ADAPTER_WEIGHTS_NAME, CONFIG_NAME, PREFIX
 
     weights = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory!r} does not exist: pass a folder written by save_pretrained "
+                                f"(e.g. runs/tiny_gpt/adapter)")
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights} not found: pass a folder written by save_pretrained "
                                 f"(it holds {CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})")

@@ -27,7 +27,7 @@ import os
 LOSS_TOL = 1e-4
 # Per-tensor ||g - g_ref|| / ||g_ref|| of a step's gathered gradient: >250x the
 # measured rounding; a misplaced shard or a missing sync gives O(1)
-# (tests/test_cli.py plants both).
+# (tests/cli/test_cli.py plants both).
 GRAD_TOL = 1e-3
 # Relative to each tensor's own norm, with no floor at the global norm: a
 # lora_A's gradient at step 2 is ~1e-6 of the global norm (B is still small),

@@ -19,7 +19,9 @@ each checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
 import os
 import sys
 import types
@@ -170,7 +172,9 @@ def _body(root: str) -> dict:
     args = _parser().parse_args(argv)
     gpt_builder.args = args
     provider = plugin.lora_model_provider(functools.partial(model_provider, gpt_builder), args)
-    chunks = _get_model(provider, None)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        chunks = _get_model(provider, None)
+    out["ref_printed"] = printed.getvalue()
     params = [p for c in chunks for p in c.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-2)
     out["ref_losses"] = [_step(chunks, params, opt, ddp=False) for _ in range(3)]
@@ -182,7 +186,9 @@ def _body(root: str) -> dict:
     args = _parser().parse_args([*argv, "--virtual-pipeline-model-parallel-size", "2"])
     gpt_builder.args = args
     provider = plugin.lora_model_provider(functools.partial(model_provider, gpt_builder), args)
-    chunks = _get_model(provider, 2)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        chunks = _get_model(provider, 2)
+    out["pp_printed"] = printed.getvalue()
     out["lora_layers_per_chunk"] = [sum(isinstance(m, LoraLayer) for m in c.modules()) for c in chunks]
     out["frozen_ok"] = all(p.requires_grad == (".lora_" in n) for c in chunks for n, p in c.named_parameters())
     trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
@@ -231,6 +237,10 @@ def test_plugin_pp2_vpp2_matches_world_size_one(tmp_path):
     assert r["lora_layers_per_chunk"] == [4, 4] and results[1]["lora_layers_per_chunk"] == [4, 4]
     assert r["frozen_ok"] and results[1]["frozen_ok"], "a base parameter is trainable, or a LoRA one frozen"
     assert r["ddp_buffer_numel_ok"], "DDP allocated gradient buffers beyond the adapter"
+    # The plug-in prints the adapter's trainable count once (rank 0), global: the same at PP=2/VPP=2 as alone.
+    assert results[1]["pp_printed"] == "" and r["pp_printed"].count("trainable params:") == 1, r["pp_printed"]
+    count = r["ref_printed"].split("trainable params: ")[1].split()[0]
+    assert f"trainable params: {count} " in r["pp_printed"], (r["ref_printed"], r["pp_printed"])
     for step, (a, b) in enumerate(zip(r["pp_losses"], r["ref_losses"])):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: PP=2/VPP=2 loss {a} vs world size 1 {b}"
     assert r["ref_losses"][-1] < r["ref_losses"][0]

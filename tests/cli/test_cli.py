@@ -1,10 +1,8 @@
-"""The ``megalora`` command: help, errors, counts, and every example ``--help`` and the READMEs print.
+"""The ``megalora`` command: help, errors, trainable counts, and verify catching planted bugs.
 
 The model-running verbs are started as a user would, in fresh processes: the
-console script self-launches torchrun at the config's layout. The examples
-run in a scratch folder (``configs/`` and ``launch/`` linked in), so their
-``runs/...`` paths land there; train examples get :data:`FAST` appended (later
-overrides win): fewer steps and examples, nothing else changed.
+console script self-launches torchrun at the config's layout. Every example
+``--help`` and the READMEs print runs in tests/cli/test_cli_examples.py.
 """
 
 from __future__ import annotations
@@ -19,11 +17,9 @@ import pytest
 import torch
 
 from megalora.cli import child_env, main
-from tests import cli_examples as EX
 
 TINY = "configs/tiny_gpt.yaml"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = ["train.steps=6", "train.eval_every=3", "train.log_every=0", "data.num_train=64", "data.num_eval=16"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cli(*args: str, timeout: int = 600, env: dict | None = None, code: int | None = 0) -> subprocess.CompletedProcess:
@@ -73,6 +69,26 @@ def test_config_errors_stop_before_any_process_starts(capsys, tmp_path):
     assert "model.source: hf" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path)]) == 2
     assert "adapter_model.safetensors" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "nope' does not exist" in capsys.readouterr().err
+    # verify checks both of its runs' configs here: neither starts.
+    assert main(["verify", TINY, "--steps", "0"]) == 2
+    assert "--steps 0: pass an integer >= 1" in capsys.readouterr().err
+    assert main(["verify", TINY, "parallel.tp=3"]) == 2
+    assert "parallel.tp=3" in capsys.readouterr().err
+    assert main(["train", TINY, "--nproc", "3"]) == 2
+    assert "megalora train: error: --nproc 3 is not a multiple" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train"])
+    assert "required: config\n" in capsys.readouterr().err  # not the optional overrides
+
+
+def test_train_module_errors_in_one_line(tmp_path):
+    """``python -m megalora.train`` (what launchers start): a config error is one line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "megalora.train", TINY, "lora.rr=4"], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        line for line in proc.stderr.strip().splitlines() if "lora.rr is not a known key" in line], proc.stderr
 
 
 def test_version(capsys):
@@ -178,158 +194,6 @@ def test_trainable_counts_are_global_at_every_layout():
         assert len(printed) == 1 and f"trainable params: {expected:,d}" in printed[0], (layout, per_rank)
 
 
-# ---------------------------------------------------------------------- the examples
-
-
-FAST = ["train.steps=5", "data.num_train=48", "data.num_eval=8", "train.eval_every=0", "train.log_every=0",
-        "job.max_new_tokens=4", "job.plot=false"]
-SMOL_FAST = ["train.steps=2", "data.num_train=32", "data.num_eval=16", "train.eval_every=0", "job.max_new_tokens=4",
-             "job.plot=false"]
-
-
-def test_every_example_is_exercised():
-    """Each printed example is of a kind this suite runs; the ones not run as printed pass the parent's checks."""
-    from megalora.training import load
-    from megalora.training.config import check_batch_sizes
-
-    unknown = [(where, cmd) for where, cmd in EX.all_examples() if not EX.kind(cmd)]
-    assert not unknown, f"examples no test exercises (teach tests/cli_examples.kind about them): {unknown}"
-    for where, cmd in EX.all_examples():
-        if EX.kind(cmd) in ("megalora", "torchrun", "torchrun.sh", "mpirun.sh", "sbatch"):
-            config, overrides = EX.config_and_overrides(cmd) if "configs/" in cmd else (None, [])
-            if config:
-                cfg = load(config, overrides)
-                if EX.kind(cmd) == "mpirun.sh":  # NP=16 and friends: the layout fits the world they ask for
-                    check_batch_sizes(cfg, int(cmd.split()[0].split("=")[1]))
-    assert any("--nproc" in cmd for _, cmd in EX.all_examples())
-
-
-def _scratch(tmp_path):
-    for name in ("configs", "launch"):
-        os.symlink(os.path.join(ROOT, name), tmp_path / name)
-    return tmp_path
-
-
-def _argv(cmd: str, fast: list[str]) -> list[str]:
-    import shlex
-
-    words = shlex.split(cmd.replace("bash launch/setup.sh && ", ""))
-    verb = words[1] if words[0].endswith("megalora") else "train"
-    if words[0].endswith("megalora"):
-        words = [sys.executable, "-m", "megalora.cli", *words[1:]]
-    elif words[0] == "torchrun":
-        words = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
-    elif words[0] == "launch/torchrun.sh":
-        words = ["bash", *words]
-    extra = fast if verb in ("train", "verify") else []
-    if verb == "verify":
-        extra = [*extra, "--steps", "2"]
-    return [*words, *extra]
-
-
-def _run_examples(tmp_path, commands, fast) -> dict:
-    env = child_env()
-    env.update(PYTHONPATH=ROOT, PYTHON=sys.executable)
-    out = {}
-    for cmd in commands:
-        proc = subprocess.run(_argv(cmd, fast), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        out[cmd] = proc
-    return out
-
-
-def _examples_of(config: str) -> list[str]:
-    seen = []
-    for _, cmd in EX.all_examples():
-        cmd = cmd.replace(".venv/bin/megalora", "megalora").replace("bash launch/setup.sh && ", "")
-        if config in cmd and EX.kind(cmd) in ("megalora", "torchrun", "torchrun.sh") and cmd not in seen:
-            seen.append(cmd)
-    # Train first: the other verbs read its adapter.
-    return sorted(seen, key=lambda c: 0 if (" train " in c or "megalora.train" in c or "torchrun.sh" in c) else 1)
-
-
-def test_tiny_gpt_examples(tmp_path):
-    """Every tiny-GPT example, as printed plus FAST; checks the merged weights' math and what merge says."""
-    from safetensors.torch import load_file
-
-    from megalora.checkpoint import read_adapter_tensors
-    from megalora.training import load
-    from megalora.training.models import _init_value
-
-    work = _scratch(tmp_path)
-    commands = _examples_of("configs/tiny_gpt.yaml")
-    assert any("--nproc 2" in c for c in commands) and any(" generate " in c for c in commands)
-    procs = _run_examples(work, commands, FAST)
-    with open(work / "runs/tiny_gpt/summary.json") as handle:
-        summary = json.load(handle)
-    assert summary["launcher"] == "torchrun" and summary["final_eval_loss"] < summary["base_eval_loss"]
-    # The re-runs into runs/tiny_gpt said they overwrite it.
-    assert any("already exists" in p.stderr for c, p in procs.items() if " train " in c)
-
-    merge = next(p for c, p in procs.items() if " merge " in c)
-    assert "wrote the merged weights" in merge.stdout and str(work / "runs/tiny_merged") in merge.stdout
-    merged = load_file(str(work / "runs/tiny_merged/model.safetensors"))
-    assert oct(os.stat(work / "runs/tiny_merged/model.safetensors").st_mode & 0o777) == "0o644"
-    lora = read_adapter_tensors(str(work / "runs/tiny_gpt/adapter"))
-    cfg = load(TINY)
-    name = "decoder.layers.1.self_attention.linear_qkv"
-    a, b = lora[f"base_model.model.{name}.lora_A.weight"], lora[f"base_model.model.{name}.lora_B.weight"]
-    base = _init_value(f"{name}.weight", list(merged[f"{name}.weight"].shape), cfg)
-    # Exact up to fp32 rounding of one matmul and add.
-    torch.testing.assert_close(merged[f"{name}.weight"], base + (cfg.lora["lora_alpha"] / cfg.lora["r"]) * (b @ a),
-                               rtol=1e-5, atol=1e-6)
-    generate = next(p for c, p in procs.items() if " generate " in c)
-    assert generate.stdout.strip() != "" or generate.returncode == 0
-
-
-@pytest.mark.slow
-def test_smollm2_examples(tmp_path):
-    """Every SmolLM2 example (train with SMOL_FAST), its outputs standing alone, and a layout that cannot fit."""
-    work = _scratch(tmp_path)
-    # Rejected in this process, before any rank starts (9 heads, TP=5).
-    proc = subprocess.run([sys.executable, "-m", "megalora.cli", "train", "configs/smollm2_cpu.yaml", "parallel.tp=5"],
-                          cwd=work, env=dict(child_env(), PYTHONPATH=ROOT), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 2 and "num_attention_heads=9 is not divisible" in proc.stderr, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "rank" not in proc.stderr.lower()
-
-    commands = _examples_of("configs/smollm2_cpu.yaml")
-    procs = _run_examples(work, commands, SMOL_FAST)
-    merged = work / "runs/hf_merged"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    model = AutoModelForCausalLM.from_pretrained(str(merged))
-    assert os.path.isfile(merged / "generation_config.json") and model.config.model_type == "llama"
-    assert len(tokenizer("What is 25 plus 11?")["input_ids"]) > 3
-    for name in os.listdir(merged):
-        assert os.stat(merged / name).st_mode & 0o777 == 0o644, name
-    export = next(p for c, p in procs.items() if " export " in c and "--format hf" not in c)
-    assert "AutoPeftModelForCausalLM" in export.stdout
-    from peft import AutoPeftModelForCausalLM
-
-    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(work / "runs/hf_peft"))
-    assert peft_model.peft_config["default"].base_model_name_or_path == str(work / "runs/hf_peft/base")
-    generate = next(p for c, p in procs.items() if " generate " in c)
-    assert generate.stdout.strip()
-
-
-def _assert_verified(report: dict, steps: int) -> None:
-    assert report["ok"] and not report["failures"] and report["reference"]["world_size"] == 1, report["failures"]
-    assert report["steps"] == steps and report["grad_steps"] == steps
-    # Far inside the tolerances: what the layouts leave different is rounding.
-    assert report["init_max_diff"] == 0.0 and report["init_tensors"] == report["tensors_compared"] == 16
-    assert report["max_loss_rel_diff"] < 1e-5 and report["max_grad_rel_diff"] < 1e-5
-    assert report["max_update_rel_diff"] < 1e-4
-
-
-def test_verify_passes_with_sequence_parallelism(tmp_path):
-    report = _verify_report(_cli("verify", TINY, "parallel.sp=true", "--steps", "2", "--json",
-                                 "--workdir", str(tmp_path / "verify")))
-    _assert_verified(report, steps=2)
-    assert report["layout"]["sp"] and report["layout"]["tp"] == 2
-
-
 # Bugs planted in every process the CLI starts (through sitecustomize, which
 # Python imports at start-up): each is patched into its module right after
 # that module is first imported. At world size 1 neither changes anything, so
@@ -346,15 +210,21 @@ def _patch(module):
         # longer [gate_k; up_k] like its base weight's.
         cls = module.LoraColumnParallelLinear
         init = cls.__init__
-        cls.__init__ = lambda self, base_layer, out_chunks=1: init(self, base_layer, 1)
-    if BUG == "no-grad-sync" and module.__name__ == "megalora":
-        # The replicated factors keep their TP-partial gradients.
-        module.sync_lora_grads = lambda model: 0
+
+        def one_block(self, base_layer, **kwargs):
+            init(self, base_layer, **kwargs)
+            self.b_spec = module.ShardSpec(dim=0)
+
+        cls.__init__ = one_block
+    if BUG == "no-grad-sync" and module.__name__ == "megalora.grad_sync":
+        # The replicated factors lose the tag through which finalize_model_grads
+        # sums their TP-partial gradients.
+        module.TP_AVERAGE_ATTR = "not_averaged_across_tp"
 
 
 class _Hook:
     def find_spec(self, name, path=None, target=None):
-        if name not in ("megalora", "megalora.layers.parallel"):
+        if name not in ("megalora.grad_sync", "megalora.layers.parallel"):
             return None
         sys.meta_path.remove(self)
         try:
@@ -382,7 +252,11 @@ def test_verify_catches_broken_sharding(tmp_path, bug):
     (site / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(bug=bug))
     env = child_env()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), ROOT, env.get("PYTHONPATH")) if p)
-    proc = _cli("verify", TINY, "--steps", "2", "--json", "--workdir", str(tmp_path / "verify"), env=env, code=1)
+    # One step of a one-layer model shows both bugs: at step 1 B = 0, so lora_A's gradient is 0 at every
+    # layout, but lora_B's is not: fc1's B rows land in the wrong place, and the row-parallel layers' B
+    # gradients are TP-partial sums without the sync.
+    proc = _cli("verify", TINY, "model.num_layers=1", "data.num_train=8", "data.num_eval=4", "--steps", "1", "--json",
+                "--workdir", str(tmp_path / "verify"), env=env, code=1)
     report = _verify_report(proc)
     assert not report["ok"]
     # The sharding is wrong, not the rounding: the gradients differ by O(1), not 1e-6.
