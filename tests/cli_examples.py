@@ -72,6 +72,9 @@ def kind(command: str) -> str:
         return "sbatch"  # tests/cli/test_launch_scripts.py runs both scripts under srun/scontrol stand-ins
     if words[0] in ("git", "export") and "Megatron-LM" in command:
         return "megatron-lm"
+    if re.match(r"^MEGATRON_LM_PATH=\S+ python -m pytest tests/\S+\.py$", command):
+        # The optional real Megatron-LM run: collected (skipped without a checkout) by the suite itself.
+        return "megatron-lm-test"
     return ""
 
 

@@ -44,6 +44,8 @@ def test_every_example_is_exercised():
                 cfg = load(config, overrides)
                 if EX.kind(cmd) == "mpirun.sh":  # NP=16 and friends: the layout fits the world they ask for
                     check_batch_sizes(cfg, int(cmd.split()[0].split("=")[1]))
+        if EX.kind(cmd) == "megatron-lm-test":  # the file it names is part of the suite
+            assert os.path.isfile(os.path.join(ROOT, cmd.split()[-1])), (where, cmd)
     assert any("--nproc" in cmd for _, cmd in EX.all_examples())
 
 
