@@ -87,6 +87,35 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# megatron-core's optimizer asserts ``param.type() == 'torch.cuda.FloatTensor'``.
+_CPU_TO_CUDA_TYPE = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+                     "torch.HalfTensor": "torch.cuda.HalfTensor"}
+
+
+class _CudaNamesOnCpu(_CudaToCpuMode):
+    """:class:`_CudaToCpuMode`, plus ``Tensor.type()`` answering CUDA names for CPU tensors."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CPU_TO_CUDA_TYPE.get(name, name)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@contextlib.contextmanager
+def cuda_names_on_cpu() -> Iterator[None]:
+    """The scope in which megatron-core's optimizer runs on CPU tensors (a no-op with CUDA).
+
+    Scoped rather than part of :func:`enable`: faking tensor type names for the
+    whole process would mislead user code that asks what a tensor is.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    with _CudaNamesOnCpu():
+        yield
+
+
 def _on_cpu(fn: Callable) -> Callable:
     """Wraps a megatron function that hard-codes CUDA so it runs on CPU."""
 

@@ -22,7 +22,7 @@ all-gathered).
 
 CPU. megatron-core's optimizers check tensor types by their CUDA names
 (``param.type() == 'torch.cuda.FloatTensor'``) and allocate a few scalars
-with ``device='cuda'``. :func:`cuda_names_on_cpu` is a torch function mode,
+with ``device='cuda'``. :func:`megalora.cpu_compat.cuda_names_on_cpu` is a torch function mode,
 entered only around the optimizer's construction, step and state I/O, that
 answers CUDA type names for CPU tensors and maps those devices to the CPU. It
 needs :func:`megalora.cpu_compat.enable` (``torch.cuda.current_device``
@@ -31,47 +31,10 @@ and the schedules' CUDA devices) and does nothing when CUDA is available.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 
+from ..cpu_compat import cuda_names_on_cpu
 from .config import TrainSection
-
-_CPU_TO_CUDA_TYPE = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
-                     "torch.HalfTensor": "torch.cuda.HalfTensor"}
-
-
-def _is_cuda_device(value) -> bool:
-    if isinstance(value, torch.device):
-        return value.type == "cuda"
-    if isinstance(value, str):
-        return value == "cuda" or value.startswith("cuda:")
-    return isinstance(value, int) and not isinstance(value, bool)  # a bare int device is a CUDA ordinal
-
-
-class _CudaNamesOnCpu(torch.overrides.TorchFunctionMode):
-    """``Tensor.type()`` answers CUDA names for CPU tensors; ``device='cuda'`` means the CPU."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return _CPU_TO_CUDA_TYPE.get(name, name)
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs = {**kwargs, "device": "cpu"}
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def cuda_names_on_cpu() -> Iterator[None]:
-    """The scope in which megatron-core's optimizer runs on CPU tensors (a no-op with CUDA)."""
-    if torch.cuda.is_available():
-        yield
-        return
-    with _CudaNamesOnCpu():
-        yield
-
 
 def trainable_params(chunks: list) -> list[torch.nn.Parameter]:
     """LoRA (and modules_to_save) params, in one fixed order on every rank of a stage."""

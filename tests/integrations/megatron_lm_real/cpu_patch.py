@@ -22,6 +22,14 @@ import types
 
 import torch
 
+from megalora.cpu_compat import (
+    _CudaToCpuMode,
+    _get_cpu_rng_state,
+    _set_cpu_rng_state,
+    _tracker_add,
+    _tracker_fork,
+)
+
 _STATE: dict = {}
 
 
@@ -84,34 +92,6 @@ def _stub_attr(prefix: str, item: str):
     if item.startswith("__"):
         raise AttributeError(item)
     return _TritonAttr(f"{prefix}.{item}")
-
-
-def _is_cuda(device) -> bool:
-    """True for ``"cuda"``, ``"cuda:N"``, a cuda ``torch.device`` or a bare device index."""
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    if isinstance(device, str):
-        return device == "cuda" or device.startswith("cuda:")
-    return isinstance(device, int) and not isinstance(device, bool)
-
-
-class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
-    """Sends ``device="cuda"``, ``.to("cuda")`` and ``Tensor.cuda()`` to the CPU.
-
-    megatron-core hard-codes these in the causal mask, the schedules'
-    ``total_num_tokens``, the global memory buffer and the TP gathers;
-    Megatron-LM's ``get_model`` calls ``model.cuda()``.
-    """
-
-    def __torch_function__(self, func, types_, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if _is_cuda(kwargs.get("device")):
-            kwargs = {**kwargs, "device": "cpu"}
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        return func(*args, **kwargs)
 
 
 # Megatron-LM's grad clipping asserts that gradients are "torch.cuda.FloatTensor".
@@ -217,49 +197,16 @@ def _patch_spawn_main() -> None:
     mp_spawn.get_preparation_data = get_preparation_data
 
 
-def _tracker_add(self, name, seed):
-    """``CudaRNGStatesTracker.add`` with a CPU generator state (attention dropout forks this tracker)."""
-    self._is_initialized = True
-    if seed in self.seeds_:
-        raise Exception(f"seed {seed} already exists")
-    self.seeds_.add(seed)
-    if name in self.states_:
-        raise Exception(f"cuda rng state {name} already exists")
-    original = torch.get_rng_state()
-    torch.manual_seed(seed)
-    self.states_[name] = torch.get_rng_state()
-    torch.set_rng_state(original)
-
-
-@contextlib.contextmanager
-def _tracker_fork(self, name="model-parallel-rng"):
-    """``CudaRNGStatesTracker.fork`` swapping the CPU generator's state instead of the CUDA one."""
-    if name not in self.states_:
-        raise Exception(f"cuda rng state {name} is not added")
-    original_state = torch.get_rng_state()
-    original_name = self._current_state_name
-    if original_name != "default-rng":
-        self.states_[original_name] = original_state
-    torch.set_rng_state(self.states_[name])
-    self._current_state_name = name
-    try:
-        yield
-    finally:
-        self.states_[name] = torch.get_rng_state()
-        if original_name != "default-rng":
-            original_state = self.states_[original_name]
-        torch.set_rng_state(original_state)
-        self._current_state_name = original_name
-
-
 def _patch_megatron() -> None:
     """Patches inside megatron-core and Megatron-LM's training package (both must be importable)."""
     import megatron.core.datasets.utils as dataset_utils
     from megatron.core.pipeline_parallel import p2p_communication as p2p
     from megatron.core.tensor_parallel import random as mp_random
 
-    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # The library's own CPU versions (megalora.cpu_compat.enable() cannot install them here: with
+    # is_available() faked it sees CUDA and does nothing).
+    mp_random._get_cuda_rng_state = _get_cpu_rng_state
+    mp_random._set_cuda_rng_state = _set_cpu_rng_state
     mp_random.CudaRNGStatesTracker.add = _tracker_add
     mp_random.CudaRNGStatesTracker.fork = _tracker_fork
 
