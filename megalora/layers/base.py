@@ -32,7 +32,7 @@ from torch import nn
 from ..collectives import group_rank, group_size
 from ..sharding import FULL, ShardSpec
 from .. import lora_math
-from .face import BaseLayerFace
+from .face import BaseLayerFace, unwrapped_keys_to
 from .init import LoraFactor, LoraMagnitude, draw_full_factors, init_generator  # noqa: F401 (re-exported)
 from .tensors import AdapterTensor
 from .variants import LoraVariant, resolve_variant
@@ -89,7 +89,7 @@ class LoraLayer(LoraWeights, BaseLayerFace):
         self._disable_adapters = False
         # What a variant's unmerge needs of a merged adapter (DoRA's weight norm).
         self._merged_norms: dict[str, torch.Tensor] = {}
-        self.register_load_state_dict_pre_hook(self._load_base_keys)
+        self.register_load_state_dict_pre_hook(unwrapped_keys_to("base_layer"))
 
     # ------------------------------------------------------------------ variant hooks
 

@@ -10,7 +10,7 @@ from torch import nn
 class BaseLayerFace(nn.Module):
     """Attribute reads, megatron-core's attribute writes and unwrapped state-dict keys go to ``base_layer``.
 
-    Subclasses register :meth:`_load_base_keys` as a load-state-dict pre-hook.
+    Subclasses register ``unwrapped_keys_to("base_layer")`` as a load-state-dict pre-hook.
     """
 
     # Attributes megatron-core writes on a layer it built (GPTModel switches the output
@@ -34,15 +34,20 @@ class BaseLayerFace(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    @staticmethod
-    def _load_base_keys(module, state_dict, prefix, *_args) -> None:
-        """Load hook: a key of the unwrapped layer (``<prefix>weight``) goes to ``base_layer``.
 
-        Distributed checkpoints (and base-model state dicts) name the base tensors as
-        the unwrapped layer did; see the parallel variants' ``sharded_state_dict``.
-        """
+def unwrapped_keys_to(child: str):
+    """A load-state-dict pre-hook: a key of the unwrapped module (``<prefix>weight``) goes to ``child``.
+
+    Distributed checkpoints and base-model state dicts name a wrapped module's tensors as
+    the unwrapped module did (see the parallel LoRA layers' and ModulesToSaveWrapper's
+    ``sharded_state_dict``); keys of the wrapper's own children and tensors stay.
+    """
+
+    def hook(module: nn.Module, state_dict: dict, prefix: str, *_args: Any) -> None:
         own = set(module._modules) | set(module._parameters) | set(module._buffers)
         for key in [k for k in state_dict if k.startswith(prefix)]:
             rest = key[len(prefix):]
             if rest.split(".", 1)[0] not in own:
-                state_dict[f"{prefix}base_layer.{rest}"] = state_dict.pop(key)
+                state_dict[f"{prefix}{child}.{rest}"] = state_dict.pop(key)
+
+    return hook

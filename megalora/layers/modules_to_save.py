@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..parallel_groups import model_tp_group
+from .face import unwrapped_keys_to
 from .tensors import AdapterTensor, model_tensor_spec
 
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel")
@@ -122,7 +123,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.untied = False
         self.update(adapter_name, untie_from)
         self.set_adapter([adapter_name])
-        self.register_load_state_dict_pre_hook(self._load_unwrapped_keys)
+        self.register_load_state_dict_pre_hook(unwrapped_keys_to("original_module"))
 
     def update(self, adapter_name: str, untie_from: Optional[torch.Tensor] = None) -> None:
         clone = _copy_with_tp_attributes(self.original_module)
@@ -178,7 +179,7 @@ class ModulesToSaveWrapper(nn.Module):
 
         The original module keeps its unwrapped keys, in the checkpoint and in
         the dict (megatron-core's ``LanguageModule`` looks up
-        ``output_layer.weight``; :meth:`_load_unwrapped_keys` takes them back on
+        ``output_layer.weight``; :func:`~megalora.layers.face.unwrapped_keys_to` takes them back on
         load), so a base checkpoint loads into the wrapped model. Each copy is
         keyed ``<prefix>modules_to_save.<adapter>.*``, with the copy's TP split.
         """
@@ -193,14 +194,6 @@ class ModulesToSaveWrapper(nn.Module):
             out.update(sharded_state_dict_default(module, f"{prefix}modules_to_save.{adapter}.",
                                                   sharded_offsets, metadata))
         return out
-
-    @staticmethod
-    def _load_unwrapped_keys(module, state_dict, prefix, *_args) -> None:
-        """Load hook: a key of the unwrapped module (``<prefix>weight``) goes to ``original_module``."""
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rest = key[len(prefix):]
-            if not rest.startswith(("original_module.", "modules_to_save.")):
-                state_dict[f"{prefix}original_module.{rest}"] = state_dict.pop(key)
 
     def forward(self, *args, **kwargs):
         module = self.active_module

@@ -175,7 +175,7 @@ class _ParallelLoraLayer(LoraLayer):
         keys (``<prefix>weight``), as on an unwrapped layer: a base-model checkpoint
         loads into the adapted model, and megatron-core's ``LanguageModule`` finds
         ``output_layer.weight`` to tie or mark. ``load_state_dict`` maps them back to
-        ``base_layer.*`` (:meth:`LoraLayer._load_base_keys`).
+        ``base_layer.*`` (:func:`~megalora.layers.face.unwrapped_keys_to`).
         Each factor is one :func:`~megalora.dist_checkpoint_tensors.sharded_tensor` under
         ``<prefix>lora_A.<adapter>.weight`` with its own shard spec: sharded
         factors are written by every TP rank, replicated ones once, and a gated
