@@ -3,11 +3,47 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import pytest
 
 from tests import procs, worker_state
 from tests.multirank import run_on_ranks, shutdown_pools
+
+
+# What each test left running, found and ended right after it (named, so the culprit is known).
+_LEFT_BY_TESTS: list[str] = []
+_SHOWN = 400  # characters of a command line: enough for a long checkout path and the command
+
+
+def _pool_workers() -> set[int]:
+    from tests import multirank
+
+    return {proc.pid for pool in list(multirank._POOLS.values()) for proc in pool.procs}
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_by_the_test(request):
+    """Ends the processes a test started and left running; the session then fails, naming the test."""
+    before = set(procs.descendants())
+    yield
+    procs.reap_zombies()
+
+    def strays() -> list[int]:
+        keep = before | _pool_workers()
+        return [pid for pid in procs.descendants()
+                if pid not in keep and procs.TRACKER not in procs.cmdline(pid)]
+
+    # A launcher's children exit a moment after it returns (SIGTERM handling): give them that moment.
+    deadline = time.monotonic() + 10
+    while strays() and time.monotonic() < deadline:
+        time.sleep(0.2)
+        procs.reap_zombies()
+    left = strays()
+    if left:
+        _LEFT_BY_TESTS.extend(f"  {pid} {procs.cmdline(pid)[:_SHOWN]}  (left by {request.node.nodeid})"
+                              for pid in left)
+        procs.end(left)
 
 
 def pytest_sessionstart(session):
@@ -25,9 +61,9 @@ def pytest_sessionfinish(session, exitstatus):
     shutdown_pools()
     procs.reap_zombies()
     left = [pid for pid in procs.descendants() if procs.TRACKER not in procs.cmdline(pid)]
-    if not left:
+    lines = _LEFT_BY_TESTS + [f"  {pid} {procs.cmdline(pid)[:_SHOWN]}" for pid in left]
+    if not lines:
         return
-    lines = [f"  {pid} {procs.cmdline(pid)[:160]}" for pid in left]
     procs.end(left)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     text = "the test session left processes running (now ended):\n" + "\n".join(lines)

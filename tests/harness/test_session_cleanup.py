@@ -96,6 +96,7 @@ def test_a_lost_process_fails_the_session_and_is_ended(tmp_path):
     out, _ = child.communicate(timeout=300)
     assert child.returncode == 1 and "1 passed" in out, out[-3000:]
     assert "left processes running (now ended)" in out and "time.sleep(600)" in out, out[-3000:]
+    assert "(left by test_inner.py::test_loses_a_process)" in out, out[-3000:]
     assert _survivors(tag) == []
 
 
