@@ -4,6 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import lazy_compile as _lazy_compile
+
+_lazy_compile.import_megatron_jit()  # before anything imports megatron: a faster import
+
 from .config import LoraConfig
 from .model import LoraModel, PeftModel, get_peft_model
 from .parallel_start import init_distributed, init_parallel
