@@ -21,8 +21,9 @@ from .layers import LoraLayer, create_lora_layer, megatron_core_module
 from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
                                      unwrap)
 from .replica_sharing import restore_shared, unshare_for_merge
+from .layers.grouped import LoraGroupedMLP
 from .targeting import (ModelChunks, describe_no_match, describe_no_saved_match, find_saved_modules, find_targets,
-                        global_module_names)
+                        global_module_names, grouped_experts_to_wrap)
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class LoraModel(nn.Module):
         if config.layer_replication:
             self._replicate_layers(config.layer_replication)
         mcore = megatron_core_module(config.megatron_core)
+        for local_name, global_name, module in grouped_experts_to_wrap(self.model, config):
+            _set_submodule(self.model, local_name, LoraGroupedMLP(module, global_name))
         targets = find_targets(self.model, config, mcore)
         saved, saved_counts = find_saved_modules(self.model, config)
         saved = [(name, module, self._tie_plan(name, config)) for name, module in saved]
@@ -253,6 +256,8 @@ class LoraModel(nn.Module):
             _set_submodule(self.model, name, layer.get_base_layer())
         for name, wrapper in self.saved_module_wrappers():
             _set_submodule(self.model, name, unwrap(wrapper, keep_trained=merge))
+        for name, grouped in [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraGroupedMLP)]:
+            _set_submodule(self.model, name, grouped.base_layer)
         return list(self.model) if self.is_chunked else self.model
 
     @property
