@@ -151,3 +151,56 @@ def fill_from_global_names(model, seed: int = 0) -> dict:
                 tensor = ShardSpec(dim=param.partition_dim, chunks=chunks).local(tensor, rank, world)
             param.copy_(tensor)
     return full
+
+
+def ddp_train(chunks, steps, lr=1e-2, optimizer="adamw"):
+    """Optimizer steps through the trainer's wrappers: megatron-core DDP, finalize, optimizer.
+
+    The path a real job takes (:mod:`megalora.training.optim`): DDP reduces the
+    dense LoRA grads over data parallelism and the expert ones (``allreduce=False``)
+    over expert data parallelism, ``finalize_model_grads`` sums the TP-partial
+    ones. Every rank reads the same micro-batches, so the data-parallel average
+    is the single-replica gradient. No clipping (the expert optimizer's norm
+    group is megatron-core's business, not LoRA's).
+
+    Args:
+        chunks: This stage's (adapted) model chunks.
+        steps: One list of ``(tokens, labels)`` micro-batches per step.
+        lr: The learning rate.
+        optimizer: ``"adamw"`` or ``"sgd"``.
+
+    Returns:
+        ``(losses, ddp_chunks)``: each step's mean micro-batch loss on the last
+        stage (``None`` elsewhere), and the DDP-wrapped chunks.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megalora.training.config import TrainSection
+    from megalora.training.optim import make_optimizer, optimizer_step, wrap_chunks, zero_grads
+    from tests.gpt_utils import BATCH, causal_mask, position_ids
+
+    t = TrainSection(lr=lr, optimizer=optimizer, clip_grad=0.0)
+    model = wrap_chunks(chunks, t)
+    opt = make_optimizer(model, t)
+
+    def step(data_iterator, module):
+        tokens, labels = next(data_iterator)
+        out = module(tokens, position_ids(), causal_mask(), labels=labels)
+
+        def loss_func(per_token):
+            loss = per_token.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    losses = []
+    for micro in steps:
+        zero_grads(model, opt)
+        out = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(micro), model=model, num_microbatches=len(micro),
+            seq_length=SEQ, micro_batch_size=BATCH, forward_only=False)
+        optimizer_step(opt, lr, 0.0)
+        last = ps.is_pipeline_last_stage()
+        losses.append(sum(d["loss"].item() for d in out) / len(out) if last else None)
+    return losses, model
