@@ -6,7 +6,8 @@ Under pipeline parallelism each stage (and each virtual chunk) numbers its
 local name is first mapped to its global name (``decoder.layers.<layer_number
 - 1>....``), and ``target_modules``, ``exclude_modules``,
 ``layers_to_transform``, ``rank_pattern`` and ``alpha_pattern`` are matched
-against global names only. A config then picks the same layers at every
+against global names only. A routed expert's name carries its global expert
+index (``mlp.experts.local_experts.<ep_rank * num_local + i>``). A config then picks the same layers at every
 layout, and checkpoint keys use the same names.
 """
 
@@ -19,6 +20,7 @@ from typing import Optional
 from torch import nn
 
 from .config import LoraConfig
+from .experts import expert_index_map
 from .layers import LoraLayer, is_supported_linear
 
 ALL_LINEAR = "all-linear"
@@ -42,7 +44,8 @@ def layer_index_map(model: nn.Module) -> dict[str, str]:
 
     A stack is a ``nn.ModuleList`` whose items carry an integer
     ``layer_number`` (megatron-core's 1-based global number). Stacks without it
-    (HF models) keep their local numbering, which then is global.
+    (HF models) keep their local numbering, which then is global. Routed
+    experts get their global expert index (:func:`megalora.experts.expert_index_map`).
     """
     mapping = {}
     for name, module in model.named_modules():
@@ -53,6 +56,9 @@ def layer_index_map(model: nn.Module) -> dict[str, str]:
             if isinstance(number, int) and number >= 1:
                 prefix = f"{name}.{i}" if name else str(i)
                 mapping[prefix] = f"{name}.{number - 1}" if name else str(number - 1)
+    layers = dict(mapping)
+    for local, with_expert in expert_index_map(model).items():
+        mapping[local] = to_global_name(with_expert, layers)
     return mapping
 
 
