@@ -143,7 +143,12 @@ class ExpertWeight(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return expert_weight_oi(self._owner[0], self.which, self.index)
+        view = expert_weight_oi(self._owner[0], self.which, self.index)
+        # The LoRA factors copy the grouped weight's DDP flag from here (megalora.experts).
+        flag = getattr(_grouped_param(self._owner[0], self.which, self.index), "allreduce", None)
+        if flag is not None:
+            view.allreduce = flag
+        return view
 
     @property
     def allreduce(self) -> bool:
