@@ -93,15 +93,14 @@ def global_expert_name(model, name: str) -> str:
     with ``n`` local experts is global expert ``e * n + i`` (megatron-core's
     own assignment of experts to EP ranks).
     """
-    name = global_param_name(model, name)
     if _EXPERTS not in name:
-        return name
+        return global_param_name(model, name)
     head, rest = name.split(_EXPERTS, 1)
     local, tail = rest.split(".", 1)
-    layer = model.get_submodule(head.split(".mlp")[0])
-    experts = layer.mlp.experts
+    experts = model.get_submodule(head + ".mlp.experts")
     ep_rank = experts.ep_group.rank() if experts.ep_group is not None else 0
-    return f"{head}{_EXPERTS}{ep_rank * experts.num_local_experts + int(local)}.{tail}"
+    name = f"{head}{_EXPERTS}{ep_rank * experts.num_local_experts + int(local)}.{tail}"
+    return global_param_name(model, name)
 
 
 def _full_shape(param, world: int) -> tuple:

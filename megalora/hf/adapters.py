@@ -33,7 +33,7 @@ import torch
 
 from ..collectives import agree_or_raise, all_gather_objects, broadcast_object, group_rank
 from .. import lora_math
-from ..checkpoint import PREFIX, adapter_state_dict, gather_stages, read_adapter_tensors, write_adapter
+from ..checkpoint import PREFIX, adapter_state_dict, expert_keys, gather_stages, read_adapter_tensors, write_adapter
 from ..config import LoraConfig
 from ..layers import LoraLayer
 from ..targeting import global_module_names, pattern_value
@@ -226,7 +226,7 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
     if config.modules_to_save:
         problem = "exporting modules_to_save to HF PEFT is not supported; train an adapter without modules_to_save"
     agree_or_raise(problem)
-    state, error = gather_stages(adapter_state_dict(peft_model, adapter_name))
+    state, error = gather_stages(adapter_state_dict(peft_model, adapter_name), expert_keys(peft_model, adapter_name))
     ranks = {}
     for part in all_gather_objects(_local_ranks(peft_model, adapter_name)):
         ranks.update(part)

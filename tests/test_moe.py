@@ -1,0 +1,177 @@
+"""LoRA on megatron-core's routed experts under expert parallelism, against world size 1.
+
+Every layout builds the same tiny MoE GPT (4 routed experts, top-2, a shared
+expert, SequentialMLP; base weights drawn from their global names, see
+tests/moe_utils.py), puts the same adapter on every linear layer (experts
+included; ``init_lora_weights=False`` so both factors get gradients from the
+first step), and trains 3 plain-SGD steps through the trainer's megatron-core
+DDP, ``finalize_model_grads`` and optimizer. Load balancing is off, so the
+loss is the LM loss alone. The per-step losses and the saved adapter file
+(every expert, full size, global indices) must equal the world-size-1 run's.
+
+SGD, not Adam: its update is linear in the gradient, so a gradient reduced
+over the wrong group, or summed twice, changes the weights (Adam divides most
+of a scale error away).
+
+Layouts: EP=2 (alltoall and allgather dispatchers), TP2xEP2 with expert-TP 1
+and 2, TP1xEP2 with expert-TP 2 (an expert-TP group that is not the TP
+group), PP2xEP2. Resharding: the EP=2 file loads at EP=1 (world size 1) and at
+TP2xEP2 (expert-TP 1 and 2) with the same loss, and saving it again there
+gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tests import gpt_utils as G
+from tests import moe_utils as MU
+from tests.multirank import run_on_ranks
+
+TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+STEPS, MICRO, LR = 3, 2, 1.0
+# fp32 throughout. The layouts differ only in summation order: the TP and
+# expert-TP all-reduces, the order in which tokens reach an expert (so its
+# weight-gradient GEMM sums them in another order), the DP/expert-DP average.
+# Measured differences: <= 4e-6 on the factors (magnitude ~0.1-1) and ~1e-7 on
+# the losses; a reduction over a wrong group moves factors by > 1e-2 (see the
+# weight-change check in the test, which is what the tolerance protects).
+ATOL = 2e-5
+LOSS_RTOL = 1e-5
+
+LAYOUTS_2 = [
+    dict(tp=1, ep=2, etp=1, dispatcher="alltoall"),
+    dict(tp=1, ep=2, etp=1, dispatcher="allgather"),
+]
+LAYOUTS_4 = [
+    dict(tp=2, ep=2, etp=1, dispatcher="alltoall"),
+    dict(tp=2, ep=2, etp=2, dispatcher="allgather"),
+    dict(tp=1, ep=2, etp=2, dispatcher="alltoall"),
+    dict(tp=1, ep=2, etp=1, dispatcher="alltoall", pp=2),
+]
+
+
+def _name(layout: dict) -> str:
+    return "_".join(f"{k}{v}" for k, v in layout.items())
+
+
+def _lora_config():
+    import megalora
+
+    return megalora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+
+
+def _init(tp=1, ep=1, etp=1, pp=1, **_):
+    import megalora
+
+    megalora.init_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                           expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+
+
+def _model(layout: dict):
+    cfg = MU.moe_config(**{k: v for k, v in layout.items()})
+    return MU.build_moe_stage(cfg)[0]
+
+
+def _train_and_save(layout: dict, out: str) -> list:
+    """Train at ``layout``, save the adapter under ``out/<layout>``; the last stage's losses."""
+    import megalora
+    from megalora.parallel_start import destroy_parallel
+
+    _init(**layout)
+    peft = megalora.get_peft_model(_model(layout), _lora_config())
+    losses, _ = MU.ddp_train([peft.base_model.model], G.pipeline_steps(STEPS, MICRO), lr=LR, optimizer="sgd")
+    peft.save_pretrained(os.path.join(out, _name(layout)))
+    destroy_parallel()
+    return losses
+
+
+def _eval_loss(peft) -> float:
+    peft.eval()
+    with torch.no_grad():
+        return G.lm_loss(peft.get_base_model(), G.batches(1, seed=7)[0]).item()
+
+
+def _load(layout: dict, path: str, resave: str) -> float:
+    """Load ``path`` at ``layout``, save it again to ``resave``; the loss on a fixed batch."""
+    import megalora
+    from megalora.parallel_start import destroy_parallel
+
+    _init(**layout)
+    peft = megalora.PeftModel.from_pretrained(_model(layout), path)
+    loss = _eval_loss(peft)
+    peft.save_pretrained(resave)
+    destroy_parallel()
+    return loss
+
+
+def _two_ranks(out: str) -> list:
+    losses = [_train_and_save(layout, out) for layout in LAYOUTS_2]
+    path = os.path.join(out, _name(LAYOUTS_2[0]))
+    return [losses, _load(LAYOUTS_2[0], path, os.path.join(out, "resave_ep2"))]
+
+
+def _four_ranks(out: str) -> list:
+    losses = [_train_and_save(layout, out) for layout in LAYOUTS_4]
+    path = os.path.join(out, _name(LAYOUTS_2[0]))
+    loads = [_load(layout, path, os.path.join(out, f"resave_{_name(layout)}")) for layout in LAYOUTS_4[:2]]
+    return [losses, loads]
+
+
+def _world_one(out: str) -> list:
+    reference = dict(tp=1, ep=1, etp=1, dispatcher="alltoall")
+    losses = _train_and_save(reference, out)
+    init = _init_state()
+    loaded = _load(reference, os.path.join(out, _name(LAYOUTS_2[0])), os.path.join(out, "resave_ep1"))
+    return [losses, init, loaded]
+
+
+def _init_state() -> dict:
+    import megalora
+    from megalora.checkpoint import adapter_state_dict
+
+    _init()
+    peft = megalora.get_peft_model(_model(dict(tp=1, ep=1, etp=1)), _lora_config())
+    return adapter_state_dict(peft, "default")
+
+
+def _file(path: str) -> dict:
+    from megalora.checkpoint import read_adapter_tensors
+
+    return read_adapter_tensors(path)
+
+
+def _assert_same(got: dict, ref: dict, what: str) -> None:
+    assert got.keys() == ref.keys(), f"{what}: keys differ, e.g. {sorted(got.keys() ^ ref.keys())[:3]}"
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], atol=ATOL, rtol=0, msg=lambda m, k=key: f"{what} {k}: {m}")
+
+
+def test_expert_parallel_lora_matches_world_size_one_and_reshards(tmp_path):
+    out = str(tmp_path)
+    # The EP=2 file must exist before world size 1 loads it.
+    losses2, loaded_ep2 = run_on_ranks(2, _two_ranks, out, timeout_s=600)[0]
+    losses4, loaded4 = run_on_ranks(4, _four_ranks, out, timeout_s=900)[-1]
+    ref_losses, init, loaded_ep1 = run_on_ranks(1, _world_one, out)[0]
+
+    ref = _file(os.path.join(out, _name(dict(tp=1, ep=1, etp=1, dispatcher="alltoall"))))
+    experts = sorted({k.split(".local_experts.")[1].split(".")[0] for k in ref if ".local_experts." in k})
+    assert experts == ["0", "1", "2", "3"] and len(ref) == 48, (experts, len(ref))
+    # The weights moved far beyond the tolerance: a wrong gradient would show.
+    moved = min((ref[k] - init[k]).abs().max().item() for k in ref)
+    assert moved > 100 * ATOL, moved
+
+    for layout, losses in zip(LAYOUTS_2 + LAYOUTS_4, losses2 + losses4):
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=LOSS_RTOL, atol=0,
+                                   msg=lambda m, n=_name(layout): f"{n} losses: {m}")
+        _assert_same(_file(os.path.join(out, _name(layout))), ref, _name(layout))
+
+    # Resharding the EP=2 file: the same function at every layout, and the same bytes saved again.
+    ep2_file = _file(os.path.join(out, _name(LAYOUTS_2[0])))
+    for loss in [loaded_ep1, *loaded4]:
+        assert abs(loss - loaded_ep2) <= 1e-5 * abs(loaded_ep2), (loss, loaded_ep2)
+    for resave in ["resave_ep1", "resave_ep2", *(f"resave_{_name(x)}" for x in LAYOUTS_4[:2])]:
+        again = _file(os.path.join(out, resave))
+        assert again.keys() == ep2_file.keys() and all(torch.equal(again[k], ep2_file[k]) for k in again), resave
