@@ -28,8 +28,8 @@ def tiny_hf(kind: str, tied: bool = True, seed: int = 0, dtype=torch.float32, **
 
     Shapes divide by 3 (and 2), so TP=3 fits; 4 layers, so PP=2 (and VPP=2) fit.
     The MoE kinds (:data:`MOE_KINDS`) have 2 layers of 4 routed experts (top-2;
-    Qwen2-MoE also a gated shared expert, Qwen3-MoE q/k norms), so EP=2, TP=2
-    and PP=2 fit.
+    Qwen2-MoE also a gated shared expert, Qwen3-MoE q/k norms) and 2 query
+    groups, so EP=2, TP=2 and PP=2 fit.
     """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -45,7 +45,7 @@ def tiny_hf(kind: str, tied: bool = True, seed: int = 0, dtype=torch.float32, **
 
         config_cls, model_cls, experts_field = MOE_KINDS[kind]
         fields = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=64,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
                       rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied, num_experts_per_tok=2)
         fields[experts_field] = 4
         if kind != "mixtral":

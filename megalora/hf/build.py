@@ -307,7 +307,8 @@ def build_gpt_from_hf(
         post_process: Whether it holds the output head; default from the parallel state.
         vp_stage: The virtual pipeline chunk index, under virtual pipelining.
         config: A ready ``TransformerConfig``; default :func:`megatron_config_from_hf`.
-        layer_spec: A layer spec instead of megatron-core's local spec.
+        layer_spec: A layer spec instead of megatron-core's local spec (MoE experts and
+            q/k norms as the model needs, torch norms that accept sequence parallelism).
         **config_overrides: Fields for :func:`megatron_config_from_hf`.
 
     Returns:
@@ -315,7 +316,6 @@ def build_gpt_from_hf(
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     src = weight_source(source)
     if config is None:
@@ -325,8 +325,9 @@ def build_gpt_from_hf(
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if layer_spec is None:
-        layer_spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
-                                              qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+        from ..training.models import local_layer_spec
+
+        layer_spec = local_layer_spec(config, vp_stage)
     extra = {"vp_stage": vp_stage} if vp_stage is not None else {}
     model = GPTModel(config, layer_spec, pre_process=pre_process, post_process=post_process,
                      **gpt_model_kwargs(src.hf_config), **extra)

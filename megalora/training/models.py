@@ -41,12 +41,14 @@ def padded_vocab_size(vocab: int, cfg: JobConfig) -> int:
     return -(-vocab // multiple) * multiple
 
 
-def _sp_norm(normalization: str):
+def _sp_norm(normalization: str, on_sequence_shard: bool = True):
     """A torch norm for the local spec under sequence parallelism.
 
     The local spec's ``WrappedTorchNorm`` refuses ``sequence_parallel``
-    (Megatron expects apex or TE there). Its params are marked
-    ``sequence_parallel`` so that, if trained, their TP-partial grads get summed.
+    (Megatron expects apex or TE there). A norm that runs on this rank's
+    sequence shard has its params marked ``sequence_parallel`` so that, if
+    trained, their TP-partial grads get summed; the q/k norms inside attention
+    (``on_sequence_shard=False``) see the whole sequence and are not marked.
     """
     base = torch.nn.RMSNorm if normalization == "RMSNorm" else torch.nn.LayerNorm
 
@@ -54,7 +56,7 @@ def _sp_norm(normalization: str):
         def __init__(self, config, hidden_size, eps=1e-5, **_):
             super().__init__(hidden_size, eps=eps)
             for p in self.parameters():
-                p.sequence_parallel = config.sequence_parallel
+                p.sequence_parallel = config.sequence_parallel and on_sequence_shard
 
     return SequenceParallelNorm
 
@@ -65,7 +67,15 @@ def layer_spec(cfg: JobConfig, config, vp_stage: Optional[int]):
 
     if cfg.model.transformer_impl == "transformer_engine":
         return specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = specs.get_gpt_layer_local_spec(normalization=config.normalization)
+    return local_layer_spec(config, vp_stage)
+
+
+def local_layer_spec(config, vp_stage: Optional[int] = None):
+    """megatron-core's local spec for ``config`` (MoE experts, q/k norms), SP-ready on CPU."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    spec = specs.get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                          qk_layernorm=config.qk_layernorm, normalization=config.normalization)
     if not config.sequence_parallel:
         return spec
     import copy
@@ -76,6 +86,9 @@ def layer_spec(cfg: JobConfig, config, vp_stage: Optional[int]):
     spec = copy.deepcopy(spec)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
+    if config.qk_layernorm:
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = _sp_norm(config.normalization, on_sequence_shard=False)
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage),
                                       layer_norm=norm)
 

@@ -120,9 +120,17 @@ def _check(per_rank):
 KINDS = list(U.MOE_KINDS)
 
 
-def test_moe_ep1(ranks, tmp_path):
-    _check(ranks(1, _layout_body, str(tmp_path), KINDS, timeout_s=600))
-
-
 def test_moe_ep2(dist2, tmp_path):
     _check(dist2(_layout_body, str(tmp_path), KINDS, ep=2, timeout_s=600))
+
+
+def test_moe_tp2_ep2(dist4, tmp_path):
+    """TP2 (with sequence parallelism, which megatron's MoE needs under TP) x EP2, expert-TP 2.
+
+    Qwen2-MoE's shared expert is TP-split; Qwen3-MoE's q/k norms run under SP.
+    """
+    _check(dist4(_layout_body, str(tmp_path), ["qwen2_moe", "qwen3_moe"], tp=2, ep=2, timeout_s=600))
+
+
+def test_moe_pp2_ep2(dist4, tmp_path):
+    _check(dist4(_layout_body, str(tmp_path), ["mixtral"], pp=2, ep=2, timeout_s=600))
