@@ -285,8 +285,37 @@ class LoraGroupedMLP(nn.Module):
         return out, None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        """The grouped module's own entries under its own names; adapter entries are written by their layers."""
-        return self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
+        """The grouped module's own entries, then each expert's adapters exactly as ``SequentialMLP`` keys them.
+
+        Sharded keys ``<prefix>experts.linear_fc1.lora_A.<adapter>.weight`` with
+        a global-expert axis (or ``experts.<g>.`` under ``singleton_local_shards``)
+        and the expert-DP rank as replica id: an adapter-only distributed
+        checkpoint moves between the two expert implementations and across EP.
+        """
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        base = self.base_layer
+        out = dict(base.sharded_state_dict(prefix, sharded_offsets, metadata))
+        n = self.num_local_experts
+        total, first = (base.ep_group.size() * n, base.ep_group.rank() * n) if base.ep_group is not None else (n, 0)
+        singleton = bool(metadata.get("singleton_local_shards", False))
+        dp_rank = base.dp_group.rank() if getattr(base, "dp_group", None) is not None else 0
+        for i, expert in enumerate(self.local_experts):
+            for which in (FC1, FC2):
+                local = f"{prefix}local_experts.{i}.{which}."
+                if singleton:
+                    sharded, offsets = f"{prefix}experts.{first + i}.{which}.", sharded_offsets
+                else:
+                    sharded = f"{prefix}experts.{which}."
+                    offsets = (*sharded_offsets, (len(sharded_offsets), first + i, total))
+                entries = dict(expert[which].sharded_state_dict(local, offsets, metadata))
+                replace_prefix_for_sharding(entries, local, sharded)
+                for entry in entries.values():
+                    entry.replica_id = (*entry.replica_id[:2], dp_rank)
+                out.update(entries)
+        return out
 
 
 def grouped_parameter_names(module: nn.Module, global_name: str, which: str) -> list[str]:
