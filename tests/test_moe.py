@@ -4,7 +4,7 @@ Every layout builds the same tiny MoE GPT (4 routed experts, top-2, a shared
 expert, SequentialMLP; base weights drawn from their global names, see
 tests/moe_utils.py), puts the same adapter on every linear layer (experts
 included; ``init_lora_weights=False`` so both factors get gradients from the
-first step), and trains 3 plain-SGD steps through the trainer's megatron-core
+first step) and trains the routers whole (``modules_to_save=["router"]``), and trains 3 plain-SGD steps through the trainer's megatron-core
 DDP, ``finalize_model_grads`` and optimizer. Load balancing is off, so the
 loss is the LM loss alone. The per-step losses and the saved adapter file
 (every expert, full size, global indices) must equal the world-size-1 run's.
@@ -60,7 +60,8 @@ def _name(layout: dict) -> str:
 def _lora_config():
     import megalora
 
-    return megalora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    return megalora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                               modules_to_save=["router"])
 
 
 def _init(tp=1, ep=1, etp=1, pp=1, **_):
@@ -82,10 +83,21 @@ def _train_and_save(layout: dict, out: str) -> list:
 
     _init(**layout)
     peft = megalora.get_peft_model(_model(layout), _lora_config())
+    _check_router_copy(peft)
     losses, _ = MU.ddp_train([peft.base_model.model], G.pipeline_steps(STEPS, MICRO), lr=LR, optimizer="sgd")
     peft.save_pretrained(os.path.join(out, _name(layout)))
     destroy_parallel()
     return losses
+
+
+def _check_router_copy(peft) -> None:
+    """The trained router copy keeps the original's dtype and megatron-core attributes; the original is frozen."""
+    for name, module in peft.named_modules():
+        if name.endswith("mlp.router"):
+            original, copy_ = module.original_module.weight, module.modules_to_save["default"].weight
+            assert copy_.dtype == original.dtype and copy_.requires_grad and not original.requires_grad, name
+            for attr in ("sequence_parallel", "allreduce"):
+                assert getattr(copy_, attr, None) == getattr(original, attr, None), (name, attr)
 
 
 def _eval_loss(peft) -> float:
@@ -158,7 +170,8 @@ def test_expert_parallel_lora_matches_world_size_one_and_reshards(tmp_path):
 
     ref = _file(os.path.join(out, _name(dict(tp=1, ep=1, etp=1, dispatcher="alltoall"))))
     experts = sorted({k.split(".local_experts.")[1].split(".")[0] for k in ref if ".local_experts." in k})
-    assert experts == ["0", "1", "2", "3"] and len(ref) == 48, (experts, len(ref))
+    # 2 layers x (qkv, proj, shared fc1/fc2, 4 experts x fc1/fc2) x (A, B) + 2 routers.
+    assert experts == ["0", "1", "2", "3"] and len(ref) == 50, (experts, len(ref))
     # The weights moved far beyond the tolerance: a wrong gradient would show.
     moved = min((ref[k] - init[k]).abs().max().item() for k in ref)
     assert moved > 100 * ATOL, moved
@@ -175,3 +188,20 @@ def test_expert_parallel_lora_matches_world_size_one_and_reshards(tmp_path):
     for resave in ["resave_ep1", "resave_ep2", *(f"resave_{_name(x)}" for x in LAYOUTS_4[:2])]:
         again = _file(os.path.join(out, resave))
         assert again.keys() == ep2_file.keys() and all(torch.equal(again[k], ep2_file[k]) for k in again), resave
+
+
+def _router_target_error() -> str:
+    import megalora
+
+    _init()
+    model = _model(dict(tp=1, ep=1, etp=1))
+    try:
+        megalora.get_peft_model(model, megalora.LoraConfig(r=2, target_modules=["linear_proj", "router"]))
+    except TypeError as exc:
+        return str(exc)
+    return ""
+
+
+def test_router_as_target_is_a_one_line_error():
+    message = run_on_ranks(1, _router_target_error)[0]
+    assert "router" in message and "modules_to_save=['router']" in message and "\n" not in message, message
