@@ -84,10 +84,11 @@ def _train_and_save(layout: dict, out: str) -> list:
     _init(**layout)
     peft = megalora.get_peft_model(_model(layout), _lora_config())
     _check_router_copy(peft)
+    counts = peft.get_nb_trainable_parameters()
     losses, _ = MU.ddp_train([peft.base_model.model], G.pipeline_steps(STEPS, MICRO), lr=LR, optimizer="sgd")
     peft.save_pretrained(os.path.join(out, _name(layout)))
     destroy_parallel()
-    return losses
+    return [*losses, *counts]
 
 
 def _check_router_copy(peft) -> None:
@@ -107,13 +108,23 @@ def _eval_loss(peft) -> float:
 
 
 def _load(layout: dict, path: str, resave: str) -> float:
-    """Load ``path`` at ``layout``, save it again to ``resave``; the loss on a fixed batch."""
+    """Load ``path`` at ``layout``, save it again to ``resave``; the loss on a fixed batch.
+
+    Merging the adapter into the (expert-sharded) base weights and unmerging it
+    again give the same loss.
+    """
     import megalora
     from megalora.parallel_start import destroy_parallel
 
     _init(**layout)
     peft = megalora.PeftModel.from_pretrained(_model(layout), path)
     loss = _eval_loss(peft)
+    peft.merge_adapter()
+    merged = _eval_loss(peft)
+    peft.unmerge_adapter()
+    unmerged = _eval_loss(peft)
+    # fp32: merging changes only the rounding of W + s*B@A (~1e-7 relative per weight).
+    assert abs(merged - loss) <= 1e-5 * loss and abs(unmerged - loss) <= 1e-5 * loss, (loss, merged, unmerged)
     peft.save_pretrained(resave)
     destroy_parallel()
     return loss
@@ -177,8 +188,10 @@ def test_expert_parallel_lora_matches_world_size_one_and_reshards(tmp_path):
     assert moved > 100 * ATOL, moved
 
     for layout, losses in zip(LAYOUTS_2 + LAYOUTS_4, losses2 + losses4):
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=LOSS_RTOL, atol=0,
-                                   msg=lambda m, n=_name(layout): f"{n} losses: {m}")
+        # Parameter counts (trainable, all): every expert counted once, at every layout.
+        assert losses[STEPS:] == ref_losses[STEPS:], (_name(layout), losses[STEPS:], ref_losses[STEPS:])
+        torch.testing.assert_close(torch.tensor(losses[:STEPS]), torch.tensor(ref_losses[:STEPS]), rtol=LOSS_RTOL,
+                                   atol=0, msg=lambda m, n=_name(layout): f"{n} losses: {m}")
         _assert_same(_file(os.path.join(out, _name(layout))), ref, _name(layout))
 
     # Resharding the EP=2 file: the same function at every layout, and the same bytes saved again.
