@@ -16,8 +16,9 @@ of a scale error away).
 Layouts: EP=2 (alltoall and allgather dispatchers), TP2xEP2 with expert-TP 1
 and 2, TP1xEP2 with expert-TP 2 (an expert-TP group that is not the TP
 group), PP2xEP2. Resharding: the EP=2 file loads at EP=1 (world size 1) and at
-TP2xEP2 (expert-TP 1 and 2) with the same loss, and saving it again there
-gives the same bytes.
+TP2xEP2 (expert-TP 1 and 2) with the same loss (merged and unmerged too), and
+saving it again there gives the same bytes; so does the adapter-only
+distributed checkpoint saved at EP=2.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def _model(layout: dict):
     return MU.build_moe_stage(cfg)[0]
 
 
-def _train_and_save(layout: dict, out: str) -> list:
-    """Train at ``layout``, save the adapter under ``out/<layout>``; the last stage's losses."""
+def _train_and_save(layout: dict, out: str, dist_dir: str = "") -> list:
+    """Train at ``layout``, save the adapter under ``out/<layout>`` (and as an adapter-only
+    distributed checkpoint in ``dist_dir``); the last stage's losses, then the parameter counts."""
     import megalora
     from megalora.parallel_start import destroy_parallel
 
@@ -87,6 +89,10 @@ def _train_and_save(layout: dict, out: str) -> list:
     counts = peft.get_nb_trainable_parameters()
     losses, _ = MU.ddp_train([peft.base_model.model], G.pipeline_steps(STEPS, MICRO), lr=LR, optimizer="sgd")
     peft.save_pretrained(os.path.join(out, _name(layout)))
+    if dist_dir:
+        from megalora.dist_checkpoint import save_adapter_dist_checkpoint
+
+        save_adapter_dist_checkpoint(peft, dist_dir)
     destroy_parallel()
     return [*losses, *counts]
 
@@ -130,8 +136,23 @@ def _load(layout: dict, path: str, resave: str) -> float:
     return loss
 
 
+def _load_dist(layout: dict, dist_dir: str) -> float:
+    """A fresh adapter at ``layout`` loaded from the adapter-only distributed checkpoint; the fixed-batch loss."""
+    import megalora
+    from megalora.dist_checkpoint import load_adapter_dist_checkpoint
+    from megalora.parallel_start import destroy_parallel
+
+    _init(**layout)
+    peft = megalora.get_peft_model(_model(layout), _lora_config())
+    load_adapter_dist_checkpoint(peft, dist_dir)
+    loss = _eval_loss(peft)
+    destroy_parallel()
+    return loss
+
+
 def _two_ranks(out: str) -> list:
-    losses = [_train_and_save(layout, out) for layout in LAYOUTS_2]
+    dist_dir = os.path.join(out, "dist_ep2")
+    losses = [_train_and_save(layout, out, dist_dir if i == 0 else "") for i, layout in enumerate(LAYOUTS_2)]
     path = os.path.join(out, _name(LAYOUTS_2[0]))
     return [losses, _load(LAYOUTS_2[0], path, os.path.join(out, "resave_ep2"))]
 
@@ -140,6 +161,7 @@ def _four_ranks(out: str) -> list:
     losses = [_train_and_save(layout, out) for layout in LAYOUTS_4]
     path = os.path.join(out, _name(LAYOUTS_2[0]))
     loads = [_load(layout, path, os.path.join(out, f"resave_{_name(layout)}")) for layout in LAYOUTS_4[:2]]
+    loads += [_load_dist(layout, os.path.join(out, "dist_ep2")) for layout in LAYOUTS_4[:2]]
     return [losses, loads]
 
 
@@ -148,7 +170,7 @@ def _world_one(out: str) -> list:
     losses = _train_and_save(reference, out)
     init = _init_state()
     loaded = _load(reference, os.path.join(out, _name(LAYOUTS_2[0])), os.path.join(out, "resave_ep1"))
-    return [losses, init, loaded]
+    return [losses, init, [loaded, _load_dist(reference, os.path.join(out, "dist_ep2"))]]
 
 
 def _init_state() -> dict:
@@ -196,7 +218,7 @@ def test_expert_parallel_lora_matches_world_size_one_and_reshards(tmp_path):
 
     # Resharding the EP=2 file: the same function at every layout, and the same bytes saved again.
     ep2_file = _file(os.path.join(out, _name(LAYOUTS_2[0])))
-    for loss in [loaded_ep1, *loaded4]:
+    for loss in [*loaded_ep1, *loaded4]:
         assert abs(loss - loaded_ep2) <= 1e-5 * abs(loaded_ep2), (loss, loaded_ep2)
     for resave in ["resave_ep1", "resave_ep2", *(f"resave_{_name(x)}" for x in LAYOUTS_4[:2])]:
         again = _file(os.path.join(out, resave))
