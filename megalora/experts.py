@@ -30,7 +30,7 @@ from torch import nn
 
 from .collectives import group_rank
 
-__all__ = ["expert_index_map", "is_expert_param", "is_expert_writer", "follows_base_allreduce",
+__all__ = ["expert_index_map", "expert_param_ids", "is_expert_param", "is_expert_writer", "follows_base_allreduce",
            "expert_groups"]
 
 # The attribute megatron-core sets False on expert-parallel weights.
@@ -61,6 +61,11 @@ def expert_index_map(model: nn.Module) -> dict[str, str]:
         for i in range(len(module.local_experts)):
             mapping[f"{base}.{i}"] = f"{base}.{ep_rank * n + i}"
     return mapping
+
+
+def expert_param_ids(model: nn.Module) -> set[int]:
+    """``id`` of every parameter inside a routed experts module (base weights and adapters)."""
+    return {id(p) for _, module in _experts_modules(model) for p in module.parameters()}
 
 
 def is_expert_param(param: torch.Tensor) -> bool:

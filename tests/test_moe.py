@@ -4,7 +4,7 @@ Every layout builds the same tiny MoE GPT (4 routed experts, top-2, a shared
 expert, SequentialMLP; base weights drawn from their global names, see
 tests/moe_utils.py), puts the same adapter on every linear layer (experts
 included; ``init_lora_weights=False`` so both factors get gradients from the
-first step), and trains 3 plain-SGD steps through the trainer's megatron-core
+first step) and trains the routers whole (``modules_to_save=["router"]``), and trains 3 plain-SGD steps through the trainer's megatron-core
 DDP, ``finalize_model_grads`` and optimizer. Load balancing is off, so the
 loss is the LM loss alone. The per-step losses and the saved adapter file
 (every expert, full size, global indices) must equal the world-size-1 run's.
@@ -16,8 +16,9 @@ of a scale error away).
 Layouts: EP=2 (alltoall and allgather dispatchers), TP2xEP2 with expert-TP 1
 and 2, TP1xEP2 with expert-TP 2 (an expert-TP group that is not the TP
 group), PP2xEP2. Resharding: the EP=2 file loads at EP=1 (world size 1) and at
-TP2xEP2 (expert-TP 1 and 2) with the same loss, and saving it again there
-gives the same bytes.
+TP2xEP2 (expert-TP 1 and 2) with the same loss (merged and unmerged too), and
+saving it again there gives the same bytes; so does the adapter-only
+distributed checkpoint saved at EP=2.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _name(layout: dict) -> str:
 def _lora_config():
     import megalora
 
-    return megalora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    return megalora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                               modules_to_save=["router"])
 
 
 def _init(tp=1, ep=1, etp=1, pp=1, **_):
@@ -75,17 +77,34 @@ def _model(layout: dict):
     return MU.build_moe_stage(cfg)[0]
 
 
-def _train_and_save(layout: dict, out: str) -> list:
-    """Train at ``layout``, save the adapter under ``out/<layout>``; the last stage's losses."""
+def _train_and_save(layout: dict, out: str, dist_dir: str = "") -> list:
+    """Train at ``layout``, save the adapter under ``out/<layout>`` (and as an adapter-only
+    distributed checkpoint in ``dist_dir``); the last stage's losses, then the parameter counts."""
     import megalora
     from megalora.parallel_start import destroy_parallel
 
     _init(**layout)
     peft = megalora.get_peft_model(_model(layout), _lora_config())
+    _check_router_copy(peft)
+    counts = peft.get_nb_trainable_parameters()
     losses, _ = MU.ddp_train([peft.base_model.model], G.pipeline_steps(STEPS, MICRO), lr=LR, optimizer="sgd")
     peft.save_pretrained(os.path.join(out, _name(layout)))
+    if dist_dir:
+        from megalora.dist_checkpoint import save_adapter_dist_checkpoint
+
+        save_adapter_dist_checkpoint(peft, dist_dir)
     destroy_parallel()
-    return losses
+    return [*losses, *counts]
+
+
+def _check_router_copy(peft) -> None:
+    """The trained router copy keeps the original's dtype and megatron-core attributes; the original is frozen."""
+    for name, module in peft.named_modules():
+        if name.endswith("mlp.router"):
+            original, copy_ = module.original_module.weight, module.modules_to_save["default"].weight
+            assert copy_.dtype == original.dtype and copy_.requires_grad and not original.requires_grad, name
+            for attr in ("sequence_parallel", "allreduce"):
+                assert getattr(copy_, attr, None) == getattr(original, attr, None), (name, attr)
 
 
 def _eval_loss(peft) -> float:
@@ -95,20 +114,45 @@ def _eval_loss(peft) -> float:
 
 
 def _load(layout: dict, path: str, resave: str) -> float:
-    """Load ``path`` at ``layout``, save it again to ``resave``; the loss on a fixed batch."""
+    """Load ``path`` at ``layout``, save it again to ``resave``; the loss on a fixed batch.
+
+    Merging the adapter into the (expert-sharded) base weights and unmerging it
+    again give the same loss.
+    """
     import megalora
     from megalora.parallel_start import destroy_parallel
 
     _init(**layout)
     peft = megalora.PeftModel.from_pretrained(_model(layout), path)
     loss = _eval_loss(peft)
+    peft.merge_adapter()
+    merged = _eval_loss(peft)
+    peft.unmerge_adapter()
+    unmerged = _eval_loss(peft)
+    # fp32: merging changes only the rounding of W + s*B@A (~1e-7 relative per weight).
+    assert abs(merged - loss) <= 1e-5 * loss and abs(unmerged - loss) <= 1e-5 * loss, (loss, merged, unmerged)
     peft.save_pretrained(resave)
     destroy_parallel()
     return loss
 
 
+def _load_dist(layout: dict, dist_dir: str) -> float:
+    """A fresh adapter at ``layout`` loaded from the adapter-only distributed checkpoint; the fixed-batch loss."""
+    import megalora
+    from megalora.dist_checkpoint import load_adapter_dist_checkpoint
+    from megalora.parallel_start import destroy_parallel
+
+    _init(**layout)
+    peft = megalora.get_peft_model(_model(layout), _lora_config())
+    load_adapter_dist_checkpoint(peft, dist_dir)
+    loss = _eval_loss(peft)
+    destroy_parallel()
+    return loss
+
+
 def _two_ranks(out: str) -> list:
-    losses = [_train_and_save(layout, out) for layout in LAYOUTS_2]
+    dist_dir = os.path.join(out, "dist_ep2")
+    losses = [_train_and_save(layout, out, dist_dir if i == 0 else "") for i, layout in enumerate(LAYOUTS_2)]
     path = os.path.join(out, _name(LAYOUTS_2[0]))
     return [losses, _load(LAYOUTS_2[0], path, os.path.join(out, "resave_ep2"))]
 
@@ -117,6 +161,7 @@ def _four_ranks(out: str) -> list:
     losses = [_train_and_save(layout, out) for layout in LAYOUTS_4]
     path = os.path.join(out, _name(LAYOUTS_2[0]))
     loads = [_load(layout, path, os.path.join(out, f"resave_{_name(layout)}")) for layout in LAYOUTS_4[:2]]
+    loads += [_load_dist(layout, os.path.join(out, "dist_ep2")) for layout in LAYOUTS_4[:2]]
     return [losses, loads]
 
 
@@ -125,7 +170,7 @@ def _world_one(out: str) -> list:
     losses = _train_and_save(reference, out)
     init = _init_state()
     loaded = _load(reference, os.path.join(out, _name(LAYOUTS_2[0])), os.path.join(out, "resave_ep1"))
-    return [losses, init, loaded]
+    return [losses, init, [loaded, _load_dist(reference, os.path.join(out, "dist_ep2"))]]
 
 
 def _init_state() -> dict:
@@ -158,20 +203,40 @@ def test_expert_parallel_lora_matches_world_size_one_and_reshards(tmp_path):
 
     ref = _file(os.path.join(out, _name(dict(tp=1, ep=1, etp=1, dispatcher="alltoall"))))
     experts = sorted({k.split(".local_experts.")[1].split(".")[0] for k in ref if ".local_experts." in k})
-    assert experts == ["0", "1", "2", "3"] and len(ref) == 48, (experts, len(ref))
+    # 2 layers x (qkv, proj, shared fc1/fc2, 4 experts x fc1/fc2) x (A, B) + 2 routers.
+    assert experts == ["0", "1", "2", "3"] and len(ref) == 50, (experts, len(ref))
     # The weights moved far beyond the tolerance: a wrong gradient would show.
     moved = min((ref[k] - init[k]).abs().max().item() for k in ref)
     assert moved > 100 * ATOL, moved
 
     for layout, losses in zip(LAYOUTS_2 + LAYOUTS_4, losses2 + losses4):
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=LOSS_RTOL, atol=0,
-                                   msg=lambda m, n=_name(layout): f"{n} losses: {m}")
+        # Parameter counts (trainable, all): every expert counted once, at every layout.
+        assert losses[STEPS:] == ref_losses[STEPS:], (_name(layout), losses[STEPS:], ref_losses[STEPS:])
+        torch.testing.assert_close(torch.tensor(losses[:STEPS]), torch.tensor(ref_losses[:STEPS]), rtol=LOSS_RTOL,
+                                   atol=0, msg=lambda m, n=_name(layout): f"{n} losses: {m}")
         _assert_same(_file(os.path.join(out, _name(layout))), ref, _name(layout))
 
     # Resharding the EP=2 file: the same function at every layout, and the same bytes saved again.
     ep2_file = _file(os.path.join(out, _name(LAYOUTS_2[0])))
-    for loss in [loaded_ep1, *loaded4]:
+    for loss in [*loaded_ep1, *loaded4]:
         assert abs(loss - loaded_ep2) <= 1e-5 * abs(loaded_ep2), (loss, loaded_ep2)
     for resave in ["resave_ep1", "resave_ep2", *(f"resave_{_name(x)}" for x in LAYOUTS_4[:2])]:
         again = _file(os.path.join(out, resave))
         assert again.keys() == ep2_file.keys() and all(torch.equal(again[k], ep2_file[k]) for k in again), resave
+
+
+def _router_target_error() -> str:
+    import megalora
+
+    _init()
+    model = _model(dict(tp=1, ep=1, etp=1))
+    try:
+        megalora.get_peft_model(model, megalora.LoraConfig(r=2, target_modules=["linear_proj", "router"]))
+    except TypeError as exc:
+        return str(exc)
+    return ""
+
+
+def test_router_as_target_is_a_one_line_error():
+    message = run_on_ranks(1, _router_target_error)[0]
+    assert "router" in message and "modules_to_save=['router']" in message and "\n" not in message, message
