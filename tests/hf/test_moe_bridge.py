@@ -5,9 +5,10 @@ PEFT, ``target_parameters`` on the experts' 3-D ``gate_up_proj`` /
 ``down_proj``) computes the reference on every rank, and the megatron-core MoE
 GPT at the layout under test (EP=1, EP=2, TP2 with SP) must match it:
 
-* base logits;
+* base logits; HF → megatron → HF weights bit-identical (experts restacked into 3-D);
 * a megalora adapter on attention, routed experts (and Qwen2-MoE's shared
   expert) with random factors, exported to HF PEFT: PEFT's logits equal megalora's;
+  saved merged as an HF model, transformers gives megalora's logits;
 * a PEFT adapter made on HF (``target_parameters`` on the experts, plus
   q/v projections) imported: megalora gives PEFT's logits; exported back,
   PEFT's logits again.
@@ -52,6 +53,8 @@ def _hf_peft(kind):
 def _checks(kind, tmp, sp):
     import torch.distributed as dist
 
+    from transformers import AutoModelForCausalLM
+
     import megalora
     import megalora.hf as H
 
@@ -61,6 +64,11 @@ def _checks(kind, tmp, sp):
     ref = U.hf_logits(hf, toks)
     model = H.build_gpt_from_hf(hf, sequence_parallel=sp).eval()
     out, diffs = {"base": U.mcore_logits(model, toks, HIDDEN)}, {}
+    exported = H.export_hf_state_dict(model)
+    if exported is not None:
+        want = hf.state_dict()
+        assert exported.keys() == want.keys(), sorted(exported.keys() ^ want.keys())[:4]
+        diffs["export_identity"] = max(U.max_diff(exported[k], want[k]) for k in want)
 
     # megalora → HF PEFT: routed experts export as target_parameters.
     config = megalora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
@@ -73,6 +81,10 @@ def _checks(kind, tmp, sp):
     to_peft = os.path.join(tmp, kind, "to_peft")
     H.export_peft_adapter(peft_model, to_peft)
     peft_ref = _peft_logits(kind, to_peft, toks)
+    merged_dir = os.path.join(tmp, kind, "merged")
+    H.save_hf_pretrained(peft_model, merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, attn_implementation="eager", dtype=torch.float32)
+    merged_ref = U.hf_logits(merged.eval(), toks)
 
     # HF PEFT → megalora → HF PEFT.
     base = peft_model.unload()
@@ -89,6 +101,7 @@ def _checks(kind, tmp, sp):
     if out["base"] is not None:
         diffs["base_vs_transformers"] = U.max_diff(out["base"], ref)
         diffs["megalora_vs_peft"] = U.max_diff(out["megalora"], peft_ref)
+        diffs["merged_export_vs_megalora"] = U.max_diff(merged_ref, out["megalora"])
         diffs["lora_changes_logits"] = -U.max_diff(out["megalora"], ref)
         diffs["import_vs_peft"] = U.max_diff(out["imported"], import_ref)
         diffs["import_changes_logits"] = -U.max_diff(import_ref, ref)
@@ -104,17 +117,19 @@ def _layout_body(tmp, kinds, tp=1, pp=1, ep=1):
 
 
 def _check(per_rank):
-    print(per_rank)
     seen = set()
     for rank, kinds in enumerate(per_rank):
         for kind, diffs in kinds.items():
             for check, value in diffs.items():
                 seen.add(check)
-                if check.endswith("changes_logits"):
+                if check == "export_identity":
+                    assert value == 0.0, f"rank {rank} {kind}: HF → megatron → HF changed the weights by {value}"
+                elif check.endswith("changes_logits"):
                     assert -value > 1e-2, f"rank {rank} {kind}: {check}: the adapter has no effect ({-value})"
                 else:
                     assert value <= TOL, f"rank {rank} {kind}: {check} = {value} > {TOL}"
-    assert {"base_vs_transformers", "megalora_vs_peft", "import_vs_peft", "import_export_vs_peft"} <= seen, seen
+    assert {"base_vs_transformers", "megalora_vs_peft", "import_vs_peft", "import_export_vs_peft", "export_identity",
+            "merged_export_vs_megalora"} <= seen, seen
 
 
 KINDS = list(U.MOE_KINDS)
