@@ -14,6 +14,14 @@ Llama (``LlamaConfig``)     megatron-core
 ``attention_bias``          ``add_qkv_bias`` (and zero biases where HF has none)
 =========================  =======================================================
 
+Mixtral / Qwen2-MoE / Qwen3-MoE map as Llama, plus ``num_local_experts`` /
+``num_experts`` → ``num_moe_experts``, ``num_experts_per_tok`` →
+``moe_router_topk``, ``moe_intermediate_size`` → ``moe_ffn_hidden_size``,
+``norm_topk_prob=False`` → ``moe_router_pre_softmax``, Qwen2-MoE's
+``shared_expert_intermediate_size`` → ``moe_shared_expert_intermediate_size``
+with ``moe_shared_expert_gate``, ``qkv_bias`` → ``add_qkv_bias``, Qwen3-MoE's
+q/k norms → ``qk_layernorm`` (see :func:`_moe_kwargs`).
+
 GPT-2 maps to learned absolute positions, ``LayerNorm``, biases everywhere and
 the tanh GELU (``openai_gelu``, which is HF's ``gelu_new``); its ``Conv1D``
 weights are transposed.

@@ -190,3 +190,33 @@ def test_grouped_equals_sequential(ranks, tmp_path, etp, gated):
         assert out["weight_moved"] > 1e-3, out  # merging changed GroupedMLP's own weight1
         assert out["unloaded"] == "GroupedMLP", out
         assert out["dist_keys"] and out["dist_loaded"] == 0.0, out
+
+
+def _names_body():
+    """``target_parameters`` on a tiny megatron-core MoE GPT (SequentialMLP experts, shared expert)."""
+    import megalora
+    from megalora.layers import LoraLayer
+    from tests.moe_utils import build_moe_gpt, moe_config
+
+    megalora.init_parallel(1, seed=1234)
+    config = moe_config()
+    out = {}
+    for key, entries in {"canonical": ["experts.linear_fc1.weight"],
+                         "regex": [r"decoder\.layers\.1\.mlp\.experts\.local_experts\.[02]\.linear_fc2\.weight"],
+                         "dense": ["self_attention.linear_qkv.weight"]}.items():
+        model = megalora.get_peft_model(build_moe_gpt(config), megalora.LoraConfig(r=2, target_parameters=entries))
+        out[key] = sorted(layer.global_name for layer in model.modules() if isinstance(layer, LoraLayer))
+    try:
+        megalora.get_peft_model(build_moe_gpt(config), megalora.LoraConfig(r=2, target_parameters=["experts.w9"]))
+    except ValueError as exc:
+        out["error"] = str(exc)
+    return out
+
+
+def test_target_parameters_names(ranks):
+    out = ranks(1, _names_body)[0]
+    experts = [f"decoder.layers.{l}.mlp.experts.local_experts.{e}.linear_fc1" for l in range(2) for e in range(4)]
+    assert out["canonical"] == experts, out["canonical"]  # routed experts only, not shared_experts.linear_fc1
+    assert out["regex"] == [f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2" for e in (0, 2)]
+    assert out["dense"] == [f"decoder.layers.{l}.self_attention.linear_qkv" for l in range(2)]
+    assert "target_parameters=['experts.w9']" in out["error"], out["error"]
