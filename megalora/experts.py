@@ -31,7 +31,7 @@ from torch import nn
 from .collectives import group_rank
 
 __all__ = ["expert_index_map", "expert_param_ids", "is_expert_param", "is_expert_writer", "follows_base_allreduce",
-           "expert_groups"]
+           "expert_groups", "expert_module_test", "is_first_expert_replica"]
 
 # The attribute megatron-core sets False on expert-parallel weights.
 ALLREDUCE_ATTR = "allreduce"
@@ -90,6 +90,18 @@ def expert_groups(pg_collection: Optional[Any] = None) -> Optional[Any]:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     return ProcessGroupCollection.use_mpu_process_groups(required_pgs=["ep", "expt_tp", "expt_dp"])
+
+
+def expert_module_test(model: nn.Module):
+    """A predicate on local module names: whether the module sits inside a routed experts module."""
+    prefixes = tuple(f"{name}." for name, _ in _experts_modules(model))
+    return lambda local_name: bool(prefixes) and local_name.startswith(prefixes)
+
+
+def is_first_expert_replica(pg_collection: Optional[Any] = None) -> bool:
+    """Expert-DP rank 0: the replica of the experts that exports them."""
+    pgs = expert_groups(pg_collection)
+    return pgs is None or group_rank(pgs.expt_dp) == 0
 
 
 def is_expert_writer(pg_collection: Optional[Any] = None) -> bool:

@@ -17,8 +17,9 @@ Layouts: EP=2 (alltoall and allgather dispatchers), TP2xEP2 with expert-TP 1
 and 2, TP1xEP2 with expert-TP 2 (an expert-TP group that is not the TP
 group), PP2xEP2. Resharding: the EP=2 file loads at EP=1 (world size 1) and at
 TP2xEP2 (expert-TP 1 and 2) with the same loss (merged and unmerged too), and
-saving it again there gives the same bytes; so does the adapter-only
-distributed checkpoint saved at EP=2.
+saving it again there gives the same bytes, as does the merged export
+(``export_merged``: every expert once); the adapter-only distributed
+checkpoint saved at EP=2 loads there too.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def _load(layout: dict, path: str, resave: str) -> float:
     # fp32: merging changes only the rounding of W + s*B@A (~1e-7 relative per weight).
     assert abs(merged - loss) <= 1e-5 * loss and abs(unmerged - loss) <= 1e-5 * loss, (loss, merged, unmerged)
     peft.save_pretrained(resave)
+    megalora.export_merged(peft, resave + "_merged", progressbar=False)
     destroy_parallel()
     return loss
 
@@ -188,6 +190,12 @@ def _file(path: str) -> dict:
     return read_adapter_tensors(path)
 
 
+def _merged(directory: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
 def _assert_same(got: dict, ref: dict, what: str) -> None:
     assert got.keys() == ref.keys(), f"{what}: keys differ, e.g. {sorted(got.keys() ^ ref.keys())[:3]}"
     for key in ref:
@@ -220,9 +228,15 @@ def test_expert_parallel_lora_matches_world_size_one_and_reshards(tmp_path):
     ep2_file = _file(os.path.join(out, _name(LAYOUTS_2[0])))
     for loss in [*loaded_ep1, *loaded4]:
         assert abs(loss - loaded_ep2) <= 1e-5 * abs(loaded_ep2), (loss, loaded_ep2)
+    merged_ep1 = _merged(os.path.join(out, "resave_ep1_merged"))
+    assert any(".local_experts.3.linear_fc2.weight" in k for k in merged_ep1), sorted(merged_ep1)[:5]
     for resave in ["resave_ep1", "resave_ep2", *(f"resave_{_name(x)}" for x in LAYOUTS_4[:2])]:
         again = _file(os.path.join(out, resave))
         assert again.keys() == ep2_file.keys() and all(torch.equal(again[k], ep2_file[k]) for k in again), resave
+        # The merged export: every expert once, the same bytes at every layout.
+        merged = _merged(os.path.join(out, resave + "_merged"))
+        assert merged.keys() == merged_ep1.keys(), (resave, sorted(merged.keys() ^ merged_ep1.keys())[:3])
+        assert all(torch.equal(merged[k], merged_ep1[k]) for k in merged), resave
 
 
 def _router_target_error() -> str:
