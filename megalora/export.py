@@ -223,6 +223,7 @@ def _module_entries(module, local_name, names, adapters, dtype, problems, tp_gro
     """Appends the entries of one module's own tensors (a LoRA layer's or a saved copy's: all of them)."""
     gname = names[local_name]
     prefix = f"{gname}." if gname else ""
+    skip.extend(f"{local_name}.{child}" for child in getattr(module, "export_skips", ()))  # grouped experts
     if isinstance(module, LoraLayer):
         skip.append(f"{local_name}.")
         entries.extend(_lora_entries(module, prefix, adapters, dtype, problems))

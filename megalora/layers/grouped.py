@@ -157,6 +157,21 @@ class ExpertWeight(nn.Module):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         return {}  # the grouped module writes its own weights
 
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """The expert's weight view as ``weight``, tagged as a megatron expert linear layer's would be.
+
+        Only direct calls see it (the merged export reads a LoRA layer's base
+        ``named_parameters(recurse=False)``, init reads its dtype); a model's
+        own ``named_parameters`` reads ``_parameters`` and lists the grouped
+        tensor once, under the grouped module.
+        """
+        weight = self.weight
+        sharded = self.tp_group is not None and self.tp_group.size() > 1
+        weight.tensor_model_parallel = sharded
+        weight.partition_dim = (0 if self.which == FC1 else 1) if sharded else -1
+        weight.partition_stride = 1
+        yield f"{prefix}weight", weight
+
 
 class _ExpertLayer:
     """What both per-expert layers add: PEFT's refusals for parameter targets, and the grouped weight's dtype."""
@@ -228,6 +243,9 @@ class LoraGroupedMLP(nn.Module):
         self.local_experts = nn.ModuleList(experts)
         self.num_local_experts = e
         self.etp = etp
+
+    # The merged export walks the per-expert layers (SequentialMLP's names), not the grouped tensors.
+    export_skips = ("base_layer",)
 
     def __getattr__(self, name: str):
         try:

@@ -174,6 +174,15 @@ def _body(etp: int, gated: bool, tmp: str):
                                     if ".default." in k},
                                    {k.replace("default", "x"): v for k, v in _lora_state(grp_peft).items()
                                     if ".default." in k})
+    # The merged export: the same files (per-expert SequentialMLP names) from both.
+    merged = [os.path.join(tmp, f"merged_{n}") for n in ("seq", "grp")]
+    megalora.export_merged(seq_peft, merged[0], progressbar=False)
+    megalora.export_merged(grp_peft, merged[1], adapter_names=["default"], progressbar=False)
+    dist.barrier()
+    if rank == 0:
+        exports = [load_file(os.path.join(d, "model.safetensors")) for d in merged]
+        out["export_keys"] = sorted(exports[0]) == sorted(exports[1]) and len(exports[0]) == 2 * E
+        out["export"] = _max_diff(exports[0], exports[1])
     base = grp_peft.unload()
     out["unloaded"] = type(base.experts).__name__
     return out
@@ -181,7 +190,9 @@ def _body(etp: int, gated: bool, tmp: str):
 
 @pytest.mark.parametrize("etp,gated", [(1, False), (2, True)])
 def test_grouped_equals_sequential(ranks, tmp_path, etp, gated):
-    for out in ranks(etp, _body, etp, gated, str(tmp_path)):
+    outs = ranks(etp, _body, etp, gated, str(tmp_path))
+    out0 = outs[0]
+    for out in outs:
         assert out["init"] == 0.0, out
         assert out["output"] < TOL and out["input_grad"] < TOL and out["lora_grads"] < TOL, out
         assert out["lora_grad_norm"] > 0.1, out  # the gradients compared are not all zero
@@ -190,6 +201,7 @@ def test_grouped_equals_sequential(ranks, tmp_path, etp, gated):
         assert out["weight_moved"] > 1e-3, out  # merging changed GroupedMLP's own weight1
         assert out["unloaded"] == "GroupedMLP", out
         assert out["dist_keys"] and out["dist_loaded"] == 0.0, out
+    assert out0["export_keys"] and out0["export"] < TOL, out0
 
 
 def _names_body():
