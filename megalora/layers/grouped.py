@@ -220,9 +220,12 @@ class LoraGroupedMLP(nn.Module):
     def __init__(self, base_layer: nn.Module, global_name: str):
         super().__init__()
         config = base_layer.config
-        if getattr(config, "glu_linear_offset", 0.0) or getattr(config, "activation_func_clamp_value", None):
-            raise NotImplementedError("LoRA on grouped experts: glu_linear_offset / activation_func_clamp_value "
-                                      "are not supported; use SequentialMLP (moe_grouped_gemm=False)")
+        unsupported = [name for name in ("glu_linear_offset", "activation_func_clamp_value", "fp8", "fp4",
+                                         "add_bias_linear", "moe_latent_size", "use_te_activation_func")
+                       if getattr(config, name, None)]
+        if unsupported:
+            raise NotImplementedError(f"target_parameters on grouped experts ({global_name}) does not support "
+                                      f"{unsupported}; turn them off or use SequentialMLP (moe_grouped_gemm=False)")
         self.base_layer = base_layer
         self.global_name = global_name
         group = base_layer.tp_group
@@ -263,8 +266,7 @@ class LoraGroupedMLP(nn.Module):
     def _base(self, which: str, x: torch.Tensor, tokens_per_expert: list) -> torch.Tensor:
         base = self.base_layer
         if _is_te_grouped(base):
-            out, bias = getattr(base, which)(x, tokens_per_expert)
-            return out if bias is None else out + bias  # TE adds per-expert biases itself; kept for safety
+            return getattr(base, which)(x, tokens_per_expert)[0]  # no bias (refused in __init__)
         e, hidden = self.num_local_experts, base.config.hidden_size
         w = base.weight1.view(e, hidden, -1) if which == FC1 else base.weight2.view(e, -1, hidden)
         return grouped_matmul(x, tokens_per_expert, w)
