@@ -66,7 +66,8 @@ def layer_spec(cfg: JobConfig, config, vp_stage: Optional[int]):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if cfg.model.transformer_impl == "transformer_engine":
-        return specs.get_gpt_layer_with_transformer_engine_spec()
+        experts = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=False) if config.num_moe_experts else {}
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm, **experts)
     return local_layer_spec(config, vp_stage)
 
 
@@ -110,7 +111,25 @@ def gpt_transformer_config(cfg: JobConfig):
         # perform_initialization stays on: with it off, megatron-core never tags its
         # TP weights (tensor_model_parallel, partition_dim), and sharding them breaks.
         pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        **_moe_kwargs(cfg),
         **cpu_friendly_config_kwargs(params_dtype=dtype, use_cpu_initialization=not torch.cuda.is_available()),
+    )
+
+
+def _moe_kwargs(cfg: JobConfig) -> dict:
+    """The ``TransformerConfig`` fields of routed experts (none for a dense model)."""
+    m, p = cfg.model, cfg.parallel
+    if not m.num_moe_experts:
+        return {}
+    return dict(
+        num_moe_experts=m.num_moe_experts, moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type, moe_grouped_gemm=False,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        # Without an aux loss the step's loss is the LM loss alone, the same at every layout.
+        moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff else "none",
+        expert_model_parallel_size=p.ep, expert_tensor_parallel_size=p.expert_tp,
     )
 
 
@@ -132,14 +151,21 @@ def _init_value(global_name: str, shape, cfg: JobConfig) -> torch.Tensor:
 
 
 def init_gpt_weights(model, cfg: JobConfig) -> None:
-    """Overwrite every parameter with this rank's slice of a layout-independent draw."""
+    """Overwrite every parameter with this rank's slice of a layout-independent draw.
+
+    Each parameter is split over its own layer's TP group: the expert-TP group
+    for routed experts, whose global names carry the global expert index.
+    """
     from megatron.core import parallel_state as ps
 
-    rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    dense = ps.get_tensor_model_parallel_group()
     modules = global_module_names(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             module, _, leaf = name.rpartition(".")
+            group = getattr(model.get_submodule(module), "tp_group", None)
+            group = dense if group is None else group
+            rank, world = group.rank(), group.size()
             global_name = f"{modules[module]}.{leaf}"
             if global_name == "output_layer.weight" and cfg.model.tie_embeddings:
                 global_name = "embedding.word_embeddings.weight"  # the last stage's tied copy
