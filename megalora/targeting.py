@@ -185,19 +185,27 @@ def selects_parameters(config: LoraConfig, names: list[str], global_name: str) -
 
 
 def grouped_experts_to_wrap(model: nn.Module, config: LoraConfig) -> list[tuple[str, str, nn.Module]]:
-    """``(local name, global name, module)`` of each grouped experts module ``target_parameters`` selects.
+    """``(local name, global name, module)`` of each grouped experts module the config selects.
 
-    See :mod:`megalora.layers.grouped` for the names a grouped weight answers to.
+    By ``target_parameters`` (see :mod:`megalora.layers.grouped` for the names a
+    grouped weight answers to) or by ``target_modules`` naming its experts'
+    ``SequentialMLP`` modules (``linear_fc1``, ``...local_experts.3.linear_fc2``),
+    so that a ``SequentialMLP`` adapter config loads onto grouped experts.
     """
-    from .layers.grouped import FC1, FC2, grouped_parameter_names, is_grouped_experts
+    from .layers.grouped import FC1, FC2, expert_module_names, grouped_parameter_names, is_grouped_experts
 
-    if not config.target_parameters:
-        return []
     names = global_module_names(model)
-    return [(local, names[local], module) for local, module in model.named_modules()
-            if is_grouped_experts(module) and any(
-                selects_parameters(config, grouped_parameter_names(module, names[local], which), names[local])
-                for which in (FC1, FC2))]
+    modules_list = config.target_modules if config.target_modules != ALL_LINEAR else None
+    out = []
+    for local, module in model.named_modules():
+        if not is_grouped_experts(module) or _is_adapter_internal(local):  # wrapped already: base_layer
+            continue
+        gname = names[local]
+        if any(selects_parameters(config, grouped_parameter_names(module, gname, which), gname)
+               or (modules_list and any(is_target(config, n) for n in expert_module_names(module, gname, which)))
+               for which in (FC1, FC2)):
+            out.append((local, gname, module))
+    return out
 
 
 def pattern_value(patterns: dict, key: str, default):

@@ -338,6 +338,12 @@ class LoraGroupedMLP(nn.Module):
         return out
 
 
+def expert_module_names(module: nn.Module, global_name: str, which: str) -> list[str]:
+    """The global ``SequentialMLP`` module names of a grouped module's experts' fc1/fc2."""
+    first = _ep_rank(module) * module.num_local_experts
+    return [f"{global_name}.local_experts.{first + i}.{which}" for i in range(module.num_local_experts)]
+
+
 def grouped_parameter_names(module: nn.Module, global_name: str, which: str) -> list[str]:
     """Every name ``target_parameters`` may use for a grouped module's fc1/fc2 weights.
 
@@ -351,6 +357,4 @@ def grouped_parameter_names(module: nn.Module, global_name: str, which: str) -> 
         names += [f"{global_name}.{which}.weight{i}" for i in range(e)]
     else:
         names.append(f"{global_name}.{'weight1' if which == FC1 else 'weight2'}")
-    first = _ep_rank(module) * e
-    names += [f"{global_name}.local_experts.{first + i}.{which}.weight" for i in range(e)]
-    return names
+    return names + [f"{name}.weight" for name in expert_module_names(module, global_name, which)]

@@ -143,6 +143,8 @@ def _body(etp: int, gated: bool, tmp: str):
 
     files = [load_file(os.path.join(d, "adapter_model.safetensors")) for d in (seq_dir, grp_dir)]
     out["file_keys"] = sorted(files[0]) == sorted(files[1]) and len(files[0]) == 2 * 2 * E
+    # The SequentialMLP file (target_modules=linear_fc1/fc2) also builds an adapter on fresh grouped experts.
+    fresh = megalora.PeftModel.from_pretrained(_holder(grouped_from_sequential(seq.experts)), seq_dir).eval()
     grp_peft.load_adapter(seq_dir, adapter_name="from_seq")
     grp_peft.set_adapter("from_seq")
     seq_peft.eval(), grp_peft.eval()
@@ -150,6 +152,8 @@ def _body(etp: int, gated: bool, tmp: str):
         y_seq = seq_peft.base_model.model.experts(x, torch.tensor(counts), probs)[0]
         y_grp = grp_peft.base_model.model.experts(x, torch.tensor(counts), probs)[0]
         out["loaded"] = (y_seq - y_grp).abs().max().item()
+        y_fresh = fresh.base_model.model.experts(x, torch.tensor(counts), probs)[0]
+        out["fresh"] = (y_seq - y_fresh).abs().max().item()
         w1 = wrapper.base_layer.weight1.detach().clone()
         grp_peft.merge_adapter()
         out["merged"] = (grp_peft.base_model.model.experts(x, torch.tensor(counts), probs)[0] - y_grp).abs().max().item()
@@ -203,7 +207,7 @@ def test_grouped_equals_sequential(ranks, tmp_path, etp, gated):
         assert out["output"] < TOL and out["input_grad"] < TOL and out["lora_grads"] < TOL, out
         assert out["lora_grad_norm"] > 0.1, out  # the gradients compared are not all zero
         assert out["file_keys"], out
-        assert out["loaded"] < TOL and out["merged"] < TOL and out["unmerged"] < 1e-6, out
+        assert out["loaded"] < TOL and out["fresh"] < TOL and out["merged"] < TOL and out["unmerged"] < 1e-6, out
         assert out["weight_moved"] > 1e-3, out  # merging changed GroupedMLP's own weight1
         assert out["unloaded"] == "GroupedMLP", out
         assert out["dist_keys"] and out["dist_loaded"] == 0.0, out
