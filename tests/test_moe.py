@@ -213,6 +213,7 @@ def test_expert_parallel_lora_matches_world_size_one_and_reshards(tmp_path):
     experts = sorted({k.split(".local_experts.")[1].split(".")[0] for k in ref if ".local_experts." in k})
     # 2 layers x (qkv, proj, shared fc1/fc2, 4 experts x fc1/fc2) x (A, B) + 2 routers.
     assert experts == ["0", "1", "2", "3"] and len(ref) == 50, (experts, len(ref))
+    assert any(".mlp.shared_experts.linear_fc1.lora_A." in k for k in ref), "the shared expert has no adapter"
     # The weights moved far beyond the tolerance: a wrong gradient would show.
     moved = min((ref[k] - init[k]).abs().max().item() for k in ref)
     assert moved > 100 * ATOL, moved
