@@ -175,7 +175,7 @@ def hf_adapter_from_mcore(arch: Arch, state: dict, ranks: dict, config: LoraConf
 
 
 def _target_fields(arch: Arch, hf_ranks: dict, expert_params: dict) -> dict:
-    """PEFT config fields selecting the HF modules (``target_modules``) and expert parameters (``target_parameters``)."""
+    """PEFT config fields selecting the HF modules (``target_modules``) and expert tensors (``target_parameters``)."""
     if hf_ranks:
         fields = describe_targets(hf_ranks, arch.linear_hf_modules(), arch.hf_layer_prefix)
     else:

@@ -107,8 +107,8 @@ def _body(etp: int, gated: bool, tmp: str):
     seq_peft = megalora.get_peft_model(seq, megalora.LoraConfig(target_modules=["linear_fc1", "linear_fc2"], **lora))
     # Two spellings of the same weights: the canonical expert name and GroupedMLP's own parameter name.
     grp_peft = megalora.get_peft_model(
-        grouped, megalora.LoraConfig(target_parameters=["experts.linear_fc1.weight", "mlp.experts.weight2|experts.weight2"],
-                                     **lora))
+        grouped, megalora.LoraConfig(
+            target_parameters=["experts.linear_fc1.weight", "mlp.experts.weight2|experts.weight2"], **lora))
     wrapper = grp_peft.base_model.model.experts
     assert isinstance(wrapper, LoraGroupedMLP)
     assert isinstance(wrapper.local_experts[2].linear_fc1, LoraExpertColumn)
@@ -156,7 +156,8 @@ def _body(etp: int, gated: bool, tmp: str):
         out["fresh"] = (y_seq - y_fresh).abs().max().item()
         w1 = wrapper.base_layer.weight1.detach().clone()
         grp_peft.merge_adapter()
-        out["merged"] = (grp_peft.base_model.model.experts(x, torch.tensor(counts), probs)[0] - y_grp).abs().max().item()
+        y_merged = grp_peft.base_model.model.experts(x, torch.tensor(counts), probs)[0]
+        out["merged"] = (y_merged - y_grp).abs().max().item()
         out["weight_moved"] = (wrapper.base_layer.weight1 - w1).abs().max().item()
         grp_peft.unmerge_adapter()
         out["unmerged"] = (wrapper.base_layer.weight1 - w1).abs().max().item()
