@@ -18,7 +18,9 @@ def sync_lora_grads(model) -> int:
     wrapped in its ``DistributedDataParallel``; a loop without it calls this once
     per step, after backward and before the optimizer step. Collective over each
     LoRA layer's tensor-parallel group (the expert-TP group for routed experts);
-    one coalesced all-reduce per group.
+    one coalesced all-reduce per group. Data-parallel reductions (the dense one, and the
+    expert-data-parallel one of routed experts) are not part of it: megatron-core's DDP
+    does those.
 
     Returns:
         The number of parameters whose gradient was reduced.
