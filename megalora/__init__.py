@@ -20,8 +20,11 @@ def sync_lora_grads(model) -> int:
 
     megatron-core's ``finalize_model_grads`` does this already for models
     wrapped in its ``DistributedDataParallel``; a loop without it calls this once
-    per step, after backward and before the optimizer step. Collective over the
-    tensor-parallel group; one coalesced all-reduce.
+    per step, after backward and before the optimizer step. Collective over each
+    LoRA layer's tensor-parallel group (the expert-TP group for routed experts);
+    one coalesced all-reduce per group. Data-parallel reductions (the dense one, and the
+    expert-data-parallel one of routed experts) are not part of it: megatron-core's DDP
+    does those.
 
     Returns:
         The number of parameters whose gradient was reduced.

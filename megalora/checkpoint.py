@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .collectives import agree_or_raise, all_gather_objects, gather_objects, group_rank, group_size
+from .experts import is_expert_param, is_expert_writer
 from .parallel_groups import is_stage_writer, megatron_parallel_state
 from .sharding import gather_full
 from .atomic_write import remove_stale_temporaries, write_files
@@ -71,8 +72,18 @@ def adapter_state_dict(peft_model, adapter: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def gather_stages(state: dict) -> tuple[Optional[dict], Optional[str]]:
+def expert_keys(peft_model, adapter: str) -> frozenset:
+    """The keys of ``adapter``'s tensors on expert-parallel layers (written by the expert writers)."""
+    return frozenset(key for key, tensor, _, _ in _adapter_entries(peft_model, adapter) if is_expert_param(tensor))
+
+
+def gather_stages(state: dict, experts: frozenset = frozenset()) -> tuple[Optional[dict], Optional[str]]:
     """Collective: every stage's tensors merged on global rank 0.
+
+    Args:
+        state: This rank's full tensors.
+        experts: The keys of ``state`` that live on expert-parallel layers:
+            sent by the expert writers, the rest by the stage writers.
 
     Returns:
         ``(merged, problem)`` on rank 0, ``(None, None)`` elsewhere. A key that
@@ -81,7 +92,9 @@ def gather_stages(state: dict) -> tuple[Optional[dict], Optional[str]]:
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return state, None
-    parts = gather_objects(state if is_stage_writer() else {}, dst=0)
+    dense_writer, expert_writer = is_stage_writer(), is_expert_writer()
+    mine = {k: v for k, v in state.items() if (expert_writer if k in experts else dense_writer)}
+    parts = gather_objects(mine, dst=0)
     if parts is None:
         return None, None
     merged, clash = {}, []
@@ -141,7 +154,7 @@ def save_adapters(
         raise ValueError(f"save_directory {save_directory!r} is a file; give a directory path")
     error = None
     for adapter in adapters:
-        state, problem = gather_stages(adapter_state_dict(peft_model, adapter))
+        state, problem = gather_stages(adapter_state_dict(peft_model, adapter), expert_keys(peft_model, adapter))
         error = error or problem
         if state is None or error:
             continue

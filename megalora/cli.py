@@ -163,10 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _nproc(cfg, requested: Optional[int]) -> int:
-    nproc = requested or cfg.model_parallel_size()
-    if nproc % cfg.model_parallel_size():
-        raise ValueError(f"--nproc {nproc} is not a multiple of parallel.tp x parallel.pp = "
-                         f"{cfg.model_parallel_size()}; pass a multiple (the rest is data parallelism)")
+    nproc = requested or cfg.min_world_size()
+    if nproc % cfg.min_world_size():
+        raise ValueError(f"--nproc {nproc} is not a multiple of {cfg.min_world_size()} (parallel.tp x parallel.pp, "
+                         "and parallel.ep x expert-TP x parallel.pp); pass a multiple (the rest is data parallelism)")
     return nproc
 
 
@@ -287,7 +287,8 @@ VERIFY_OVERRIDES = ("job.eval_base=false", "job.max_new_tokens=0", "job.merge_ch
                     "job.export_hf_peft=false", "job.plot=false", "lora.lora_dropout=0.0", "train.save_every=0",
                     "train.resume=null", "train.eval_every=0", "train.log_every=0", "train.optimizer=sgd",
                     "job.record_grads=true")
-SINGLE_OVERRIDES = ("parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "parallel.sp=false")
+SINGLE_OVERRIDES = ("parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "parallel.sp=false", "parallel.ep=1",
+                    "parallel.etp=null")
 
 
 def _verify(args, _argv) -> int:

@@ -273,7 +273,7 @@ class LoraConfig:
             raise NotImplementedError(
                 f"megalora does not implement init_lora_weights={init!r} yet; use True, False, 'gaussian' or "
                 "'orthogonal'")
-        unimplemented = ("use_qalora", "trainable_token_indices", "target_parameters",
+        unimplemented = ("use_qalora", "trainable_token_indices",
                          "alora_invocation_tokens", "ensure_weight_tying", "velora_config",
                          "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
         for name in unimplemented:

@@ -31,6 +31,19 @@ copy under PP).
   ``fork`` swaps it into the default CPU generator and swaps the caller's
   state back afterwards, and the module's ``_get/_set_cuda_rng_state`` (used
   by activation checkpointing) read and write the CPU generator.
+* Mixture of experts: ``moe_utils`` names ``te_general_gemm`` only when
+  Transformer Engine imports, yet the router reads it unconditionally
+  (a ``NameError`` without TE); while enabled it is defined as ``None``,
+  which selects the router's own ``torch.mm`` path. The alltoall dispatcher
+  creates a ``torch.cuda.Stream`` for its device-to-host copies and syncs on
+  an event; on the CPU there is nothing to copy, so its class-level stream
+  is a placeholder and ``_maybe_dtoh_and_synchronize`` only turns the split
+  sizes into numpy arrays at the same point the GPU path does. gloo has no
+  uneven all-gather or reduce-scatter, which the dispatchers use under
+  TP > 1 with expert-TP 1 (``output_split_sizes`` / ``input_split_sizes``):
+  those two calls in ``tensor_parallel.mappings`` take an equal-size
+  all-gather of padded rows, or an all-reduce and a slice, instead; every
+  even call goes to Megatron's own code.
 * Batched pipeline p2p (``batch_p2p_comm=True``, the default) is routed to
   Megatron's unbatched ``_p2p_ops``: gloo matches a pair's messages in
   posting order, and the batched order swaps activations and gradients at
@@ -177,6 +190,62 @@ def _tracker_fork(self, name: str = "model-parallel-rng"):
         self._current_state_name = orig_name
 
 
+def _moe_dtoh_on_cpu(self, point: str, tokens_per_expert: torch.Tensor | None = None):
+    """``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` with nothing on a device.
+
+    The GPU path copies the split sizes to the host as numpy arrays at
+    ``cuda_dtoh_point`` (on a side stream); the same arrays, made here at the
+    same point, keep the dispatcher's later steps on the types they expect.
+    """
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name, None)
+            if torch.is_tensor(value):
+                setattr(self, name, value.numpy())
+    return tokens_per_expert
+
+
+def _uneven_gather(original: Callable) -> Callable:
+    """``mappings._gather_along_first_dim`` whose uneven case pads to equal rows (gloo has none)."""
+
+    @functools.wraps(original)
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        rows = max(sizes)
+        padded = input_.new_zeros((rows, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((rows * len(sizes), *input_.shape[1:]))
+        torch.distributed.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        return torch.cat([out[i * rows: i * rows + n] for i, n in enumerate(sizes)])
+
+    return gather
+
+
+def _uneven_reduce_scatter(original: Callable) -> Callable:
+    """``mappings._reduce_scatter_along_first_dim`` whose uneven case all-reduces and slices."""
+
+    @functools.wraps(original)
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        return list(torch.split(total, [int(n) for n in input_split_sizes]))[group.rank()].clone()
+
+    return reduce_scatter
+
+
+class _HostStream:
+    """Stands for the alltoall dispatcher's D2H stream, which a CPU run never uses."""
+
+
+# Attributes that may not exist in the patched module: set while enabled, deleted after.
+_MAY_BE_ABSENT = frozenset({"te_general_gemm"})
+_ABSENT = object()
+
+
 def check_megatron_version(installed: str | None = None) -> str | None:
     """Compares megatron-core's version with the ones this layer was written for.
 
@@ -232,9 +301,30 @@ def _patches() -> list[tuple[Any, str, Any]]:
     # in an order both parities agree on; use it.
     unbatched = _original(p2p, "_p2p_ops")
     patches.append((p2p, "_batched_p2p_ops", lambda **kw: list(unbatched(**kw).values())))
+    patches += _moe_patches()
     lm = language_module.LanguageModule
     patches.append((lm, "setup_embeddings_and_output_layer",
                     _on_cpu(_original(lm, "setup_embeddings_and_output_layer"))))
+    return patches
+
+
+def _moe_patches() -> list[tuple[Any, str, Any]]:
+    """The MoE sites (see the module docstring): the router's GEMM choice, the dispatcher's stream."""
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    patches = []
+    if "te_general_gemm" not in vars(moe_utils):  # Transformer Engine absent
+        patches.append((moe_utils, "te_general_gemm", None))
+    dispatcher = td.MoEAlltoAllTokenDispatcher
+    _original(dispatcher, "_maybe_dtoh_and_synchronize")
+    patches += [(dispatcher, "cuda_dtoh_stream", _HostStream()),
+                (dispatcher, "_maybe_dtoh_and_synchronize", _moe_dtoh_on_cpu),
+                (mappings, "_gather_along_first_dim",
+                 _uneven_gather(_original(mappings, "_gather_along_first_dim"))),
+                (mappings, "_reduce_scatter_along_first_dim",
+                 _uneven_reduce_scatter(_original(mappings, "_reduce_scatter_along_first_dim")))]
     return patches
 
 
@@ -269,7 +359,8 @@ def enable() -> None:
     patches = _patches()  # everything is looked up before anything is changed
     saved = []
     for owner, name, replacement in patches:
-        saved.append((owner, name, _original(owner, name)))
+        absent = name in _MAY_BE_ABSENT and name not in vars(owner)
+        saved.append((owner, name, _ABSENT if absent else _original(owner, name)))
         setattr(owner, name, replacement)
     _SAVED["patches"] = saved
 
@@ -280,7 +371,10 @@ def disable() -> None:
     if saved is None:
         return
     for owner, name, original in reversed(saved):
-        setattr(owner, name, original)
+        if original is _ABSENT:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
     _SAVED["patches"] = None
 
 

@@ -28,7 +28,10 @@ gathered weight, 33.9 / 50.7 MB, and the other rank 0.04 MB):
    row norms differently). Gated ``linear_fc1`` shards are put back in the
    canonical ``[gate; up]`` order through ``ShardSpec(chunks=2)``.
 3. The stage's TP rank 0 sends it to global rank 0, which maps, writes and
-   drops it. Only the first data-parallel replica takes part.
+   drops it. Only the first data-parallel replica takes part. Routed experts
+   live on the expert-parallel ranks: their tensors are gathered over the
+   expert-TP group by the first expert-data-parallel replica and sent by its
+   expert-TP rank 0 (:func:`megalora.experts.is_expert_writer`).
 
 The model itself is not changed: nothing is merged in place. Layers whose
 adapters are already merged (``merge_adapter``) are exported as they are. The
@@ -49,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .collectives import agree_or_raise, all_gather_objects, group_size, recv_tensors, send_tensors
+from .experts import expert_module_test, is_expert_writer, is_first_expert_replica
 from .parallel_groups import is_first_replica, is_stage_writer, model_tp_group
 from .sharding import ShardSpec, gather_full, param_shard_spec
 from . import lora_math
@@ -67,6 +71,7 @@ class _Entry:
     shape: tuple
     dtype: torch.dtype
     make: Callable[[], torch.Tensor]
+    expert: bool = False
 
 
 def _natural(key: str) -> list:
@@ -190,32 +195,51 @@ def _lora_entries(layer: LoraLayer, prefix: str, adapters, dtype, problems: list
 
 
 def _local_entries(model: nn.Module, adapters: list[str], dtype, problems: list) -> list[_Entry]:
-    """This rank's exported tensors, sorted naturally by name."""
+    """This rank's exported tensors, sorted naturally by name.
+
+    Dense tensors on the first data-parallel replica, routed experts' on the
+    first expert-data-parallel replica (each gathered over its own TP group).
+    """
     names = global_module_names(model)
-    tp_group = model_tp_group()
+    dense_group = model_tp_group()
+    in_experts = expert_module_test(model)
+    take_dense, take_experts = is_first_replica(), is_first_expert_replica()
     entries, skip = [], []
     for local_name, module in model.named_modules():
         if any(local_name.startswith(p) for p in skip):
             continue
-        gname = names[local_name]
-        prefix = f"{gname}." if gname else ""
-        if isinstance(module, LoraLayer):
-            skip.append(f"{local_name}.")
-            entries.extend(_lora_entries(module, prefix, adapters, dtype, problems))
+        expert = in_experts(local_name)
+        if not (take_experts if expert else take_dense):
             continue
-        if isinstance(module, ModulesToSaveWrapper):
-            skip.append(f"{local_name}.")
-            chosen = next((a for a in adapters if a in module.modules_to_save), None)
-            module = module.modules_to_save[chosen] if chosen else module.original_module
-            for sub_name, sub in module.named_modules():
-                sub_prefix = f"{prefix}{sub_name}." if sub_name else prefix
-                params = sub.named_parameters(recurse=False)
-                chunks = gated_chunks(sub, sub_prefix[:-1])
-                entries.extend(_param_entries(params, sub_prefix, chunks, tp_group, dtype))
-            continue
-        params = module.named_parameters(recurse=False)
-        entries.extend(_param_entries(params, prefix, gated_chunks(module, gname), tp_group, dtype))
+        tp_group = (getattr(module, "tp_group", None) or dense_group) if expert else dense_group
+        start = len(entries)
+        _module_entries(module, local_name, names, adapters, dtype, problems, tp_group, skip, entries)
+        for entry in entries[start:]:
+            entry.expert = expert
     return sorted(entries, key=lambda e: _natural(e.key))
+
+
+def _module_entries(module, local_name, names, adapters, dtype, problems, tp_group, skip, entries) -> None:
+    """Appends the entries of one module's own tensors (a LoRA layer's or a saved copy's: all of them)."""
+    gname = names[local_name]
+    prefix = f"{gname}." if gname else ""
+    skip.extend(f"{local_name}.{child}" for child in getattr(module, "export_skips", ()))  # grouped experts
+    if isinstance(module, LoraLayer):
+        skip.append(f"{local_name}.")
+        entries.extend(_lora_entries(module, prefix, adapters, dtype, problems))
+        return
+    if isinstance(module, ModulesToSaveWrapper):
+        skip.append(f"{local_name}.")
+        chosen = next((a for a in adapters if a in module.modules_to_save), None)
+        module = module.modules_to_save[chosen] if chosen else module.original_module
+        for sub_name, sub in module.named_modules():
+            sub_prefix = f"{prefix}{sub_name}." if sub_name else prefix
+            params = sub.named_parameters(recurse=False)
+            chunks = gated_chunks(sub, sub_prefix[:-1])
+            entries.extend(_param_entries(params, sub_prefix, chunks, tp_group, dtype))
+        return
+    params = module.named_parameters(recurse=False)
+    entries.extend(_param_entries(params, prefix, gated_chunks(module, gname), tp_group, dtype))
 
 
 # ---------------------------------------------------------------------- the stream
@@ -289,8 +313,9 @@ def stream_merged(model, adapter_names: Optional[Sequence[str]], names, open_sin
     root, adapters = _root_and_adapters(model, adapter_names)
     rank = dist.get_rank() if dist.is_initialized() else 0
     problems: list[str] = []
-    entries = _local_entries(root, adapters, dtype, problems) if is_first_replica() else []
-    listed = [(e.key, e.shape, e.dtype, rank) for e in entries] if is_stage_writer() else []
+    entries = _local_entries(root, adapters, dtype, problems)
+    writes = {False: is_stage_writer(), True: is_expert_writer()}
+    listed = [(e.key, e.shape, e.dtype, rank) for e in entries if writes[e.expert]]
     parts = all_gather_objects(listed)
     plan, sink, error = [], None, "; ".join(problems[:3]) or None
     if rank == 0:
@@ -314,7 +339,7 @@ def stream_merged(model, adapter_names: Optional[Sequence[str]], names, open_sin
     if rank != 0:
         for entry in entries:
             full = entry.make()  # None off the TP group's rank 0
-            if is_stage_writer():
+            if writes[entry.expert]:
                 send_tensors([full.to(entry.dtype)], 0, None)
             del full
         agree_or_raise(None)

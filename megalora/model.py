@@ -21,8 +21,9 @@ from .layers import LoraLayer, create_lora_layer, megatron_core_module
 from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
                                      unwrap)
 from .replica_sharing import restore_shared, unshare_for_merge
+from .layers.grouped import LoraGroupedMLP
 from .targeting import (ModelChunks, describe_no_match, describe_no_saved_match, find_saved_modules, find_targets,
-                        global_module_names)
+                        global_module_names, grouped_experts_to_wrap)
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class LoraModel(nn.Module):
         if config.layer_replication:
             self._replicate_layers(config.layer_replication)
         mcore = megatron_core_module(config.megatron_core)
+        grouped_problem = self._wrap_grouped_experts(config)
         targets = find_targets(self.model, config, mcore)
         saved, saved_counts = find_saved_modules(self.model, config)
         saved = [(name, module, self._tie_plan(name, config)) for name, module in saved]
@@ -108,15 +110,16 @@ class LoraModel(nn.Module):
         # One gather, before anything changes: a config that selects nothing anywhere, or a
         # problem seen on one stage only, fails on every rank together; a stage without
         # matches is fine.
-        reports = all_gather_objects((len(targets), saved_counts, _tie_problem(self.model, targets, config), untied))
+        reports = all_gather_objects((len(targets), saved_counts,
+                                      grouped_problem or _tie_problem(self.model, targets, config), untied))
+        problem = next((r[2] for r in reports if r[2]), None)
+        if problem:
+            raise ValueError(problem)
         if sum(r[0] for r in reports) == 0:
             raise ValueError(describe_no_match(config))
         missing = [e for i, e in enumerate(config.modules_to_save or []) if not any(r[1][i] for r in reports)]
         if missing:
             raise ValueError(describe_no_saved_match(config, missing))
-        problem = next((r[2] for r in reports if r[2]), None)
-        if problem:
-            raise ValueError(problem)
         for target in targets:
             module = target.module
             if not isinstance(module, LoraLayer):
@@ -139,6 +142,24 @@ class LoraModel(nn.Module):
             logger.warning(untied_message(untied))
         self.peft_config[adapter_name] = config
         self._mark_only_adapters_as_trainable(config)
+
+    def _wrap_grouped_experts(self, config: LoraConfig) -> Optional[str]:
+        """Wrap the grouped experts ``target_parameters`` selects (see :mod:`megalora.layers.grouped`).
+
+        Returns the problem, if any, instead of raising, so that every rank
+        raises it together after the match counts are gathered.
+        """
+        found = grouped_experts_to_wrap(self.model, config)
+        bad = [f for f in ("use_dora", "lora_bias") if found and getattr(config, f)]
+        if bad:
+            return (f"{bad[0]}=True is not supported on grouped expert weights ({found[0][1]}), as in PEFT's "
+                    f"target_parameters; set {bad[0]}=False")
+        try:
+            for local_name, global_name, module in found:
+                _set_submodule(self.model, local_name, LoraGroupedMLP(module, global_name))
+        except NotImplementedError as exc:
+            return str(exc)
+        return None
 
     def _replicate_layers(self, layer_map) -> None:
         """PEFT's ``layer_replication``, applied once, before targeting (see :mod:`megalora.replication`)."""
@@ -253,6 +274,8 @@ class LoraModel(nn.Module):
             _set_submodule(self.model, name, layer.get_base_layer())
         for name, wrapper in self.saved_module_wrappers():
             _set_submodule(self.model, name, unwrap(wrapper, keep_trained=merge))
+        for name, grouped in [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraGroupedMLP)]:
+            _set_submodule(self.model, name, grouped.base_layer)
         return list(self.model) if self.is_chunked else self.model
 
     @property

@@ -128,23 +128,35 @@ class PeftModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter counts of the whole model, the same at every layout.
 
-        Collective over megatron-core's model-parallel (TP x PP) group when it
-        is initialized: call it on every rank. A TP-sharded tensor
+        Collective over the world when megatron-core's parallel state is
+        initialized: call it on every rank. A TP-sharded tensor
         (``tensor_model_parallel``) is counted on every TP rank, so its shards
         add up to the full tensor; a replicated one on TP rank 0 only; the last
         pipeline stage's copy of a tied embedding (``shared``) not at all;
-        pipeline stages are summed, data-parallel replicas are not.
+        pipeline stages are summed, data-parallel replicas are not. Routed
+        experts count the same way over their own groups (expert-TP, and
+        expert-DP rank 0 of every EP rank), so every expert counts once.
         """
-        from .collectives import all_reduce_sum
-        from .parallel_groups import megatron_parallel_state
+        from .collectives import all_reduce_sum, group_rank
+        from .experts import expert_groups, expert_param_ids
+        from .parallel_groups import megatron_parallel_state, process_groups
 
         ps = megatron_parallel_state()
-        tp_rank = ps.get_tensor_model_parallel_rank() if ps is not None else 0
+        dense, experts = process_groups(), expert_groups()
+        expert_ids = expert_param_ids(self)
+        # Each tensor is counted by the one replica that owns it: dense ones on data-parallel
+        # rank 0, routed experts' on expert-data-parallel rank 0 of every EP rank.
+        counts_dense = dense is None or group_rank(dense.dp_cp) == 0
+        counts_expert = experts is None or group_rank(experts.expt_dp) == 0
         trainable = total = 0
         for _, param in self.named_parameters():
             if getattr(param, "shared", False):
                 continue
-            if tp_rank != 0 and not getattr(param, "tensor_model_parallel", False):
+            expert = id(param) in expert_ids
+            if not (counts_expert if expert else counts_dense):
+                continue
+            tp_group = (experts.expt_tp if expert else dense.tp) if ps is not None else None
+            if group_rank(tp_group) != 0 and not getattr(param, "tensor_model_parallel", False):
                 continue
             total += param.numel()
             if param.requires_grad:
@@ -152,7 +164,7 @@ class PeftModel(nn.Module):
         if ps is None:
             return trainable, total
         counts = torch.tensor([trainable, total], dtype=torch.int64)
-        all_reduce_sum(counts, ps.get_model_parallel_group())
+        all_reduce_sum(counts, torch.distributed.group.WORLD)
         return int(counts[0]), int(counts[1])
 
     def print_trainable_parameters(self) -> None:

@@ -6,7 +6,8 @@ Under pipeline parallelism each stage (and each virtual chunk) numbers its
 local name is first mapped to its global name (``decoder.layers.<layer_number
 - 1>....``), and ``target_modules``, ``exclude_modules``,
 ``layers_to_transform``, ``rank_pattern`` and ``alpha_pattern`` are matched
-against global names only. A config then picks the same layers at every
+against global names only. A routed expert's name carries its global expert
+index (``mlp.experts.local_experts.<ep_rank * num_local + i>``). A config then picks the same layers at every
 layout, and checkpoint keys use the same names.
 """
 
@@ -19,6 +20,7 @@ from typing import Optional
 from torch import nn
 
 from .config import LoraConfig
+from .experts import expert_index_map
 from .layers import LoraLayer, is_supported_linear
 
 ALL_LINEAR = "all-linear"
@@ -42,7 +44,8 @@ def layer_index_map(model: nn.Module) -> dict[str, str]:
 
     A stack is a ``nn.ModuleList`` whose items carry an integer
     ``layer_number`` (megatron-core's 1-based global number). Stacks without it
-    (HF models) keep their local numbering, which then is global.
+    (HF models) keep their local numbering, which then is global. Routed
+    experts get their global expert index (:func:`megalora.experts.expert_index_map`).
     """
     mapping = {}
     for name, module in model.named_modules():
@@ -53,6 +56,9 @@ def layer_index_map(model: nn.Module) -> dict[str, str]:
             if isinstance(number, int) and number >= 1:
                 prefix = f"{name}.{i}" if name else str(i)
                 mapping[prefix] = f"{name}.{number - 1}" if name else str(number - 1)
+    layers = dict(mapping)
+    for local, with_expert in expert_index_map(model).items():
+        mapping[local] = to_global_name(with_expert, layers)
     return mapping
 
 
@@ -143,6 +149,65 @@ def is_target(config: LoraConfig, key: str, target_modules=None) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
+def _param_entry_matches(entries, key: str) -> bool:
+    """A ``target_parameters`` entry names ``key`` exactly, as a ``.``-suffix (PEFT's rule) or as a full-match regex."""
+    for entry in entries:
+        if key == entry or key.endswith(f".{entry}"):
+            return True
+        try:
+            if re.fullmatch(entry, key):
+                return True
+        except re.error:
+            pass
+    return False
+
+
+def weight_parameter_names(global_name: str) -> list[str]:
+    """The names ``target_parameters`` may use for a linear module's weight.
+
+    ``<module>.weight``, and for a ``SequentialMLP`` expert
+    (``...experts.local_experts.<e>.linear_fc1``) also the expert-independent
+    ``...experts.linear_fc1.weight`` that selects every expert's weight, as it
+    does on grouped experts.
+    """
+    names = [f"{global_name}.weight"]
+    alias = re.sub(r"\.local_experts\.\d+\.(linear_fc[12])$", r".\1", global_name)
+    if alias != global_name:
+        names.append(f"{alias}.weight")
+    return names
+
+
+def selects_parameters(config: LoraConfig, names: list[str], global_name: str) -> bool:
+    """Whether ``config.target_parameters`` names any of ``names`` (and ``global_name`` is not excluded)."""
+    entries = config.target_parameters
+    return bool(entries) and not is_excluded(config, global_name) and any(
+        _param_entry_matches(entries, n) for n in names)
+
+
+def grouped_experts_to_wrap(model: nn.Module, config: LoraConfig) -> list[tuple[str, str, nn.Module]]:
+    """``(local name, global name, module)`` of each grouped experts module the config selects.
+
+    By ``target_parameters`` (see :mod:`megalora.layers.grouped` for the names a
+    grouped weight answers to) or by ``target_modules`` naming its experts'
+    ``SequentialMLP`` modules (``linear_fc1``, ``...local_experts.3.linear_fc2``),
+    so that a ``SequentialMLP`` adapter config loads onto grouped experts.
+    """
+    from .layers.grouped import FC1, FC2, expert_module_names, grouped_parameter_names, is_grouped_experts
+
+    names = global_module_names(model)
+    modules_list = config.target_modules if config.target_modules != ALL_LINEAR else None
+    out = []
+    for local, module in model.named_modules():
+        if not is_grouped_experts(module) or _is_adapter_internal(local):  # wrapped already: base_layer
+            continue
+        gname = names[local]
+        if any(selects_parameters(config, grouped_parameter_names(module, gname, which), gname)
+               or (modules_list and any(is_target(config, n) for n in expert_module_names(module, gname, which)))
+               for which in (FC1, FC2)):
+            out.append((local, gname, module))
+    return out
+
+
 def pattern_value(patterns: dict, key: str, default):
     """``rank_pattern`` / ``alpha_pattern`` lookup: the first key whose regex ends the name."""
     for pattern, value in (patterns or {}).items():
@@ -193,8 +258,13 @@ def find_targets(model: nn.Module, config: LoraConfig, mcore=None) -> list[Targe
             continue
         if isinstance(module, LoraLayer):
             skip_prefixes.append(local_name + ".")
-        global_name = names[local_name]
-        if not is_target(config, global_name, targets):
+        # A grouped expert's layer knows its global expert index (see layers/grouped.py).
+        global_name = module.global_name if isinstance(module, LoraLayer) and module.global_name else names[local_name]
+        param_names = module.parameter_names() if hasattr(type(module), "parameter_names") else \
+            weight_parameter_names(global_name)
+        by_param = selects_parameters(config, param_names, global_name) and (
+            isinstance(module, LoraLayer) or is_supported_linear(module, mcore))
+        if not (by_param or is_target(config, global_name, targets)):
             continue
         if not (isinstance(module, LoraLayer) or is_supported_linear(module, mcore)):
             # PEFT raises for an unsupported type it matched; we only skip
@@ -216,8 +286,11 @@ def find_targets(model: nn.Module, config: LoraConfig, mcore=None) -> list[Targe
 def describe_no_match(config: LoraConfig) -> str:
     return (
         f"Target modules {config.target_modules} not found in the base model (layers_to_transform="
-        f"{config.layers_to_transform}, exclude_modules={config.exclude_modules}). Check target_modules: names "
-        "are matched as exact names or '.'-suffixes of global module names, a string is a full-match regex."
+        f"{config.layers_to_transform}, exclude_modules={config.exclude_modules}"
+        + (f", target_parameters={config.target_parameters}" if config.target_parameters else "")
+        + "). Check target_modules: names are matched as exact names or '.'-suffixes of global module names, a "
+        "string is a full-match regex; target_parameters entries match '<module>.<parameter>' names the same way "
+        "or as full-match regexes (e.g. 'experts.linear_fc1.weight')."
     )
 
 

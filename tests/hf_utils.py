@@ -15,10 +15,21 @@ BATCH = 2
 VOCAB = 96
 
 
+# kind -> (config class, model class, the config field of the number of routed experts)
+MOE_KINDS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "num_local_experts"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "num_experts"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "num_experts"),
+}
+
+
 def tiny_hf(kind: str, tied: bool = True, seed: int = 0, dtype=torch.float32, **overrides):
-    """A small random ``LlamaForCausalLM`` (GQA: 6 heads, 3 groups) or ``GPT2LMHeadModel``.
+    """A small random ``LlamaForCausalLM`` (GQA: 6 heads, 3 groups), ``GPT2LMHeadModel`` or MoE model.
 
     Shapes divide by 3 (and 2), so TP=3 fits; 4 layers, so PP=2 (and VPP=2) fit.
+    The MoE kinds (:data:`MOE_KINDS`) have 2 layers of 4 routed experts (top-2;
+    Qwen2-MoE also a gated shared expert, Qwen3-MoE q/k norms) and 2 query
+    groups, so EP=2, TP=2 and PP=2 fit.
     """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -29,6 +40,22 @@ def tiny_hf(kind: str, tied: bool = True, seed: int = 0, dtype=torch.float32, **
                       rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied)
         fields.update(overrides)
         model = LlamaForCausalLM(LlamaConfig(**fields))
+    elif kind in MOE_KINDS:
+        import transformers
+
+        config_cls, model_cls, experts_field = MOE_KINDS[kind]
+        fields = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                      rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied, num_experts_per_tok=2)
+        fields[experts_field] = 4
+        if kind != "mixtral":
+            fields.update(moe_intermediate_size=32, norm_topk_prob=kind == "qwen3_moe")
+        if kind == "qwen2_moe":
+            fields.update(shared_expert_intermediate_size=48)
+        if kind == "qwen3_moe":
+            fields.update(head_dim=8)
+        fields.update(overrides)
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**fields))
     elif kind == "gpt2":
         fields = dict(vocab_size=VOCAB, n_embd=48, n_head=6, n_layer=4, n_positions=32, bos_token_id=0,
                       eos_token_id=0, tie_word_embeddings=tied)

@@ -351,7 +351,6 @@ UNIMPLEMENTED = [
     (dict(init_lora_weights="mica"), "init_lora_weights='mica'"),
     (dict(use_qalora=True), "use_qalora"),
     (dict(trainable_token_indices=[1]), "trainable_token_indices"),
-    (dict(target_parameters=["experts.weight"]), "target_parameters"),
     (dict(alora_invocation_tokens=[1], task_type="CAUSAL_LM"), "alora_invocation_tokens"),
     (dict(ensure_weight_tying=True), "ensure_weight_tying"),
     (dict(velora_config={}), "velora_config"),

@@ -21,19 +21,25 @@ def _owners() -> list:
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.language_module import language_module
     from megatron.core.pipeline_parallel import p2p_communication, schedules
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer import utils as tutils
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     return [torch.cuda, mrandom, mrandom.CudaRNGStatesTracker, tutils, fused_softmax,
-            schedules, p2p_communication, language_module.LanguageModule]
+            schedules, p2p_communication, language_module.LanguageModule,
+            moe_utils, token_dispatcher.MoEAlltoAllTokenDispatcher, mappings]
 
 
 def _snapshot() -> dict:
     return {(id(owner), name): value for owner in _owners() for name, value in vars(owner).items()}
 
 
+_MISSING = object()  # an attribute that is absent (te_general_gemm without TE) differs from one set to None
+
+
 def _changed(before: dict, after: dict) -> set:
-    return {key for key in before.keys() | after.keys() if before.get(key) is not after.get(key)}
+    return {key for key in before.keys() | after.keys() if before.get(key, _MISSING) is not after.get(key, _MISSING)}
 
 
 # The attributes the module docstring promises to patch; each must change on enable.
@@ -47,6 +53,11 @@ _PROMISED = [
     ("schedules", "forward_backward_pipelining_without_interleaving"),
     ("schedules", "forward_backward_pipelining_with_interleaving"),
     ("p2p", "_batched_p2p_ops"), ("LanguageModule", "setup_embeddings_and_output_layer"),
+    # Mixture of experts: the router's GEMM choice without TE, the alltoall dispatcher's
+    # D2H stream, gloo's missing uneven all-gather / reduce-scatter.
+    ("moe_utils", "te_general_gemm"), ("dispatcher", "cuda_dtoh_stream"),
+    ("dispatcher", "_maybe_dtoh_and_synchronize"), ("mappings", "_gather_along_first_dim"),
+    ("mappings", "_reduce_scatter_along_first_dim"),
 ]
 
 
@@ -63,7 +74,7 @@ def compat_off():
 
 def test_disable_restores_every_original(compat_off):
     owners = dict(zip(["torch.cuda", "mrandom", "tracker", "tutils", "fused_softmax",
-                       "schedules", "p2p", "LanguageModule"], _owners()))
+                       "schedules", "p2p", "LanguageModule", "moe_utils", "dispatcher", "mappings"], _owners()))
     before = _snapshot()
     cpu_compat.enable()
     assert cpu_compat.is_active()

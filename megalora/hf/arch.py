@@ -13,6 +13,11 @@ and how their tensors combine along the output dimension (dim 0 of an
 * ``cat``: HF modules stacked on dim 0 (gated ``linear_fc1`` is ``[gate; up]``).
   Megatron's per-rank ``[gate_k; up_k]`` is a TP shard of that, which
   :class:`megalora.sharding.ShardSpec` with ``chunks=2`` expresses.
+* ``expert``: routed expert ``e``'s linear layer
+  (``mlp.experts.local_experts.<e>.linear_fc1``) is slice ``[e]`` of one 3-D HF
+  parameter of the experts module (transformers 5: ``mlp.experts.gate_up_proj``
+  ``[E, 2·ffn, hidden]`` = ``[gate; up]`` per expert, ``down_proj``
+  ``[E, hidden, ffn]``): already megatron's ``[out, in]`` layout.
 
 The same fuse/split serves base weights, biases and LoRA factors, so the base
 model and its adapters can never disagree on the layout.
@@ -40,6 +45,10 @@ class ModuleRule:
         linear: Whether it is a linear layer (a LoRA target), not a norm or an embedding.
         hf_bias: Whether the HF module has a bias. Megatron switches biases on for
             whole groups of layers; a bias megatron has but HF lacks is zero.
+        leaf: The megatron parameter name of the weight (``weight``; the shared
+            expert gate is ``mlp.shared_experts.gate_weight``).
+        hf_param: For ``expert``: the 3-D HF parameter of the experts module.
+        expert: For ``expert``: the (global) expert index.
     """
 
     mcore: str
@@ -48,6 +57,9 @@ class ModuleRule:
     conv1d: bool = False
     linear: bool = True
     hf_bias: bool = False
+    leaf: str = "weight"
+    hf_param: Optional[str] = None
+    expert: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,11 @@ class Arch:
         """Every megatron linear module path."""
         return [m + rule.mcore for m, _, rule in self.rules() if rule.linear]
 
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per layer (0 for a dense model)."""
+        return sum(1 for r in self.layer_rules if r.kind == "expert" and r.hf_param == HF_EXPERT_PARAMS[0][0])
+
     # ---------------------------------------------------------------- biases
 
     def _linear_rule(self, mcore: str) -> Optional[ModuleRule]:
@@ -122,7 +139,7 @@ class Arch:
     def add_bias_linear(self) -> bool:
         """Megatron's switch for every linear bias but the output head's."""
         names = ("self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
-        return any(self._linear_rule(n).hf_bias for n in names)
+        return any(rule.hf_bias for rule in map(self._linear_rule, names) if rule is not None)
 
     def mcore_has_bias(self, rule: ModuleRule) -> bool:
         """Whether megatron's module of ``rule`` has a bias."""
@@ -138,7 +155,7 @@ class Arch:
         for mprefix, _, rule in self.rules():
             if rule.mcore == "output_layer" and self.tied:
                 continue  # the output head reads the embedding's weight
-            out.append(f"{mprefix}{rule.mcore}.weight")
+            out.append(f"{mprefix}{rule.mcore}.{rule.leaf}")
             if self.mcore_has_bias(rule):
                 out.append(f"{mprefix}{rule.mcore}.bias")
         return out
@@ -155,6 +172,8 @@ class Arch:
         """Megatron's tensor from the HF tensors of ``rule`` (all along dim 0)."""
         if rule.kind == "copy":
             return parts[0]
+        if rule.kind == "expert":
+            return parts[0][rule.expert]
         if rule.kind == "cat":
             return torch.cat(list(parts), dim=0)
         if rule.kind == "qkv":
@@ -167,8 +186,8 @@ class Arch:
 
     def split(self, rule: ModuleRule, fused: torch.Tensor) -> list[torch.Tensor]:
         """The HF tensors of ``rule`` from megatron's (inverse of :meth:`fuse`)."""
-        if rule.kind == "copy":
-            return [fused]
+        if rule.kind in ("copy", "expert"):
+            return [fused]  # an expert's slice of the HF tensor (see HFNames for the whole)
         if rule.kind == "cat":
             return list(fused.chunk(len(rule.hf), dim=0))
         if rule.kind == "qkv":
@@ -220,7 +239,59 @@ def _gpt2_rules(cfg) -> tuple[tuple, tuple]:
     return layer, glob
 
 
-SUPPORTED = ("llama", "gpt2")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# The 3-D parameters of a transformers 5 experts module, in its definition order
+# (PEFT nests its ParamWrappers in that order), and the megatron layer of each.
+HF_EXPERT_PARAMS = (("gate_up_proj", "linear_fc1"), ("down_proj", "linear_fc2"))
+
+
+def num_experts(cfg) -> int:
+    """Routed experts per MoE layer (Mixtral's ``num_local_experts``, Qwen's ``num_experts``)."""
+    return int(getattr(cfg, "num_local_experts", None) or cfg.num_experts)
+
+
+def _moe_rules(cfg) -> tuple[tuple, tuple]:
+    """Llama's attention and norms with a mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+    layer, glob = _llama_rules(cfg)
+    qkv_bias = bool(getattr(cfg, "qkv_bias", False) or getattr(cfg, "attention_bias", False))
+    o_bias = bool(getattr(cfg, "attention_bias", False))
+    attention = [
+        ModuleRule("input_layernorm", ("input_layernorm",), linear=False),
+        ModuleRule("self_attention.linear_qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                   "qkv", hf_bias=qkv_bias),
+        ModuleRule("self_attention.linear_proj", ("self_attn.o_proj",), hf_bias=o_bias),
+        ModuleRule("pre_mlp_layernorm", ("post_attention_layernorm",), linear=False),
+    ]
+    if cfg.model_type == "qwen3_moe":
+        attention += [ModuleRule("self_attention.q_layernorm", ("self_attn.q_norm",), linear=False),
+                      ModuleRule("self_attention.k_layernorm", ("self_attn.k_norm",), linear=False)]
+    moe = [ModuleRule("mlp.router", ("mlp.gate",), linear=False)]
+    for e in range(num_experts(cfg)):
+        moe += [ModuleRule(f"mlp.experts.local_experts.{e}.{mcore}", ("mlp.experts",), "expert", hf_param=hf, expert=e)
+                for hf, mcore in HF_EXPERT_PARAMS]
+    if cfg.model_type == "qwen2_moe":
+        moe += [
+            ModuleRule("mlp.shared_experts.linear_fc1", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                       "cat"),
+            ModuleRule("mlp.shared_experts.linear_fc2", ("mlp.shared_expert.down_proj",)),
+            ModuleRule("mlp.shared_experts", ("mlp.shared_expert_gate",), linear=False, leaf="gate_weight"),
+        ]
+    return tuple(attention + moe), glob
+
+
+def _check_moe(cfg) -> None:
+    sparse = [i for i in range(cfg.num_hidden_layers)
+              if i not in (getattr(cfg, "mlp_only_layers", None) or [])
+              and (i + 1) % int(getattr(cfg, "decoder_sparse_step", 1) or 1) == 0]
+    if len(sparse) != cfg.num_hidden_layers:
+        raise NotImplementedError(
+            f"{cfg.model_type}: only models whose every layer is a MoE layer are supported (mlp_only_layers="
+            f"{getattr(cfg, 'mlp_only_layers', None)}, decoder_sparse_step={getattr(cfg, 'decoder_sparse_step', 1)})")
+    if getattr(cfg, "use_sliding_window", False):
+        raise NotImplementedError(f"{cfg.model_type}: use_sliding_window=True is not supported")
+
+
+SUPPORTED = ("llama", "gpt2") + MOE_TYPES
 
 
 def arch_from_hf(cfg) -> Arch:
@@ -230,8 +301,10 @@ def arch_from_hf(cfg) -> Arch:
         NotImplementedError: For another ``model_type``.
     """
     model_type = getattr(cfg, "model_type", None)
-    if model_type == "llama":
-        layer, glob = _llama_rules(cfg)
+    if model_type in ("llama",) + MOE_TYPES:
+        if model_type in MOE_TYPES:
+            _check_moe(cfg)
+        layer, glob = _moe_rules(cfg) if model_type in MOE_TYPES else _llama_rules(cfg)
         heads = cfg.num_attention_heads
         return Arch(
             model_type, "model.layers.{i}.", layer, glob, cfg.num_hidden_layers, heads,
@@ -246,7 +319,8 @@ def arch_from_hf(cfg) -> Arch:
             cfg.n_embd // cfg.n_head, bool(getattr(cfg, "tie_word_embeddings", True)),
         )
     raise NotImplementedError(
-        f"the HF bridge supports model_type in {SUPPORTED} (LlamaForCausalLM, GPT2LMHeadModel), "
+        f"the HF bridge supports model_type in {SUPPORTED} (LlamaForCausalLM, GPT2LMHeadModel, "
+        "MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM), "
         f"got {model_type!r}"
     )
 

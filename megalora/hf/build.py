@@ -14,6 +14,14 @@ Llama (``LlamaConfig``)     megatron-core
 ``attention_bias``          ``add_qkv_bias`` (and zero biases where HF has none)
 =========================  =======================================================
 
+Mixtral / Qwen2-MoE / Qwen3-MoE map as Llama, plus ``num_local_experts`` /
+``num_experts`` → ``num_moe_experts``, ``num_experts_per_tok`` →
+``moe_router_topk``, ``moe_intermediate_size`` → ``moe_ffn_hidden_size``,
+``norm_topk_prob=False`` → ``moe_router_pre_softmax``, Qwen2-MoE's
+``shared_expert_intermediate_size`` → ``moe_shared_expert_intermediate_size``
+with ``moe_shared_expert_gate``, ``qkv_bias`` → ``add_qkv_bias``, Qwen3-MoE's
+q/k norms → ``qk_layernorm`` (see :func:`_moe_kwargs`).
+
 GPT-2 maps to learned absolute positions, ``LayerNorm``, biases everywhere and
 the tanh GELU (``openai_gelu``, which is HF's ``gelu_new``); its ``Conv1D``
 weights are transposed.
@@ -35,7 +43,7 @@ from ..collectives import agree_or_raise
 from ..sharding import ShardSpec, param_shard_spec
 from ..megatron_config import cpu_friendly_config_kwargs
 from ..targeting import global_module_names
-from .arch import arch_from_hf
+from .arch import MOE_TYPES, arch_from_hf, num_experts
 from .convert import HFModelSource, WeightSource, source_name
 from .models import clean_hf_config, is_hf_model, resolve_files
 
@@ -70,7 +78,8 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_layout_fits_model(hf_config, tp: int, pp: int, vpp: Optional[int] = None, uneven_pp: bool = False) -> None:
+def check_layout_fits_model(hf_config, tp: int, pp: int, vpp: Optional[int] = None, uneven_pp: bool = False,
+                            ep: int = 1) -> None:
     """Raise a clear error, naming the layouts that fit, if ``tp``/``pp``/``vpp`` do not fit the model.
 
     Raises:
@@ -83,6 +92,8 @@ def check_layout_fits_model(hf_config, tp: int, pp: int, vpp: Optional[int] = No
                 "ffn hidden size": ffn, "vocab_size": vocab}
     problems = [f"{field}={value} is not divisible by tensor_model_parallel_size={tp}"
                 for field, value in tp_needs.items() if value % tp]
+    if arch.num_experts and arch.num_experts % ep:
+        problems.append(f"num_experts={arch.num_experts} is not divisible by expert_model_parallel_size={ep}")
     chunks = pp * (vpp or 1)
     if not uneven_pp and arch.num_layers % chunks:
         what = f"pipeline_model_parallel_size={pp}" + (f" x virtual_pipeline_model_parallel_size={vpp}" if vpp else "")
@@ -100,7 +111,31 @@ def check_layout_fits_model(hf_config, tp: int, pp: int, vpp: Optional[int] = No
 def _ffn(hf_config) -> int:
     if hf_config.model_type == "gpt2":
         return hf_config.n_inner or 4 * hf_config.n_embd
-    return hf_config.intermediate_size
+    return getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
+
+
+def _moe_kwargs(hf_config) -> dict:
+    """The ``TransformerConfig`` MoE fields of Mixtral / Qwen2-MoE / Qwen3-MoE.
+
+    HF's router: softmax over all experts, top-k, then (Mixtral, or
+    ``norm_topk_prob``) renormalised over the k. Megatron's top-k on the logits
+    followed by a softmax over the k is the same; without renormalisation it is
+    megatron's ``moe_router_pre_softmax``. Load balancing only adds a training
+    loss (HF adds it only with ``output_router_logits``): off here.
+    """
+    if hf_config.model_type not in MOE_TYPES:
+        return {}
+    renorm = hf_config.model_type == "mixtral" or bool(getattr(hf_config, "norm_topk_prob", False))
+    out = dict(num_moe_experts=num_experts(hf_config), moe_router_topk=int(hf_config.num_experts_per_tok),
+               moe_ffn_hidden_size=_ffn(hf_config), moe_router_pre_softmax=not renorm,
+               moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_grouped_gemm=False,
+               moe_token_dispatcher_type="alltoall", qk_layernorm=hf_config.model_type == "qwen3_moe")
+    if hf_config.model_type == "qwen2_moe":
+        out.update(moe_shared_expert_intermediate_size=int(hf_config.shared_expert_intermediate_size),
+                   moe_shared_expert_gate=True)
+    if float(getattr(hf_config, "router_jitter_noise", 0.0) or 0.0):
+        raise NotImplementedError(f"router_jitter_noise={hf_config.router_jitter_noise}: set it to 0")
+    return out
 
 
 def _parallel_sizes() -> dict:
@@ -112,6 +147,8 @@ def _parallel_sizes() -> dict:
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
     )
 
 
@@ -142,8 +179,9 @@ def megatron_config_from_hf(hf_config, **overrides: Any):
         attention_dropout=0.0,
         **cpu_friendly_config_kwargs(),
         **_parallel_sizes(),
+        **_moe_kwargs(hf_config),
     )
-    if arch.model_type == "llama":
+    if arch.model_type in ("llama",) + MOE_TYPES:
         act = getattr(hf_config, "hidden_act", "silu")
         if act != "silu":
             raise NotImplementedError(f"LlamaConfig.hidden_act={act!r}: the bridge supports 'silu' (SwiGLU)")
@@ -160,7 +198,8 @@ def megatron_config_from_hf(hf_config, **overrides: Any):
     kwargs.setdefault("pipeline_dtype", kwargs["params_dtype"])  # pipeline p2p buffers
     check_layout_fits_model(hf_config, kwargs.get("tensor_model_parallel_size", 1), kwargs.get("pipeline_model_parallel_size", 1),
                  kwargs.get("virtual_pipeline_model_parallel_size"),
-                 uneven_pp=any(kwargs.get(f) is not None for f in _UNEVEN_PP_FIELDS))
+                 uneven_pp=any(kwargs.get(f) is not None for f in _UNEVEN_PP_FIELDS),
+                 ep=kwargs.get("expert_model_parallel_size") or 1)
     return TransformerConfig(**kwargs)
 
 
@@ -202,7 +241,8 @@ def weight_source(source=None) -> WeightSource:
 
 def param_spec(name: str, param: torch.Tensor, gated: bool) -> ShardSpec:
     """The shard spec of a megatron parameter; rank k of a gated fc1 holds ``[gate_k; up_k]``."""
-    return param_shard_spec(param, chunks=2 if gated and name.rpartition(".")[0].endswith("mlp.linear_fc1") else 1)
+    # mlp.linear_fc1, a routed expert's and the shared experts' linear_fc1 alike.
+    return param_shard_spec(param, chunks=2 if gated and name.rpartition(".")[0].endswith("linear_fc1") else 1)
 
 
 def global_param_names(model: torch.nn.Module) -> dict[str, str]:
@@ -226,7 +266,6 @@ def load_shards(model: torch.nn.Module, source: WeightSource) -> None:
     from megatron.core import parallel_state as ps
 
     group = ps.get_tensor_model_parallel_group()
-    rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     gated = bool(getattr(model.config, "gated_linear_unit", False))
     names = global_param_names(model)
     known = set(source.arch.mcore_param_names())
@@ -236,10 +275,13 @@ def load_shards(model: torch.nn.Module, source: WeightSource) -> None:
         if source_name(source.arch, name) not in known:
             problems.append(f"the model has {name} but the HF {source.arch.model_type} model has no such tensor")
             continue
-        plan.append((name, param, param_spec(name, param, gated)))
+        # Experts are split over the expert-TP group: each parameter over its layer's own tp_group.
+        owner = model.get_submodule(local.rpartition(".")[0]) if "." in local else model
+        tp = getattr(owner, "tp_group", None) or group
+        plan.append((name, param, param_spec(name, param, gated), tp.rank(), tp.size()))
     agree_or_raise("; ".join(problems[:4]) if problems else None, group)
     with torch.no_grad():
-        for name, param, spec in plan:
+        for name, param, spec, rank, world in plan:
             value = source.local(name, spec, rank, world)
             if tuple(value.shape) != tuple(param.shape):
                 problems.append(
@@ -273,7 +315,8 @@ def build_gpt_from_hf(
         post_process: Whether it holds the output head; default from the parallel state.
         vp_stage: The virtual pipeline chunk index, under virtual pipelining.
         config: A ready ``TransformerConfig``; default :func:`megatron_config_from_hf`.
-        layer_spec: A layer spec instead of megatron-core's local spec.
+        layer_spec: A layer spec instead of megatron-core's local spec (MoE experts and
+            q/k norms as the model needs, torch norms that accept sequence parallelism).
         **config_overrides: Fields for :func:`megatron_config_from_hf`.
 
     Returns:
@@ -281,7 +324,6 @@ def build_gpt_from_hf(
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     src = weight_source(source)
     if config is None:
@@ -291,7 +333,9 @@ def build_gpt_from_hf(
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if layer_spec is None:
-        layer_spec = get_gpt_layer_local_spec(normalization=config.normalization)
+        from ..training.models import local_layer_spec
+
+        layer_spec = local_layer_spec(config, vp_stage)
     extra = {"vp_stage": vp_stage} if vp_stage is not None else {}
     model = GPTModel(config, layer_spec, pre_process=pre_process, post_process=post_process,
                      **gpt_model_kwargs(src.hf_config), **extra)

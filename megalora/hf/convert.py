@@ -46,6 +46,11 @@ def mcore_tensor_from_hf(arch: Arch, name: str, get_hf: Callable[[str], torch.Te
     """
     module, leaf = _split_name(source_name(arch, name))
     _, hprefix, rule = arch.rule_for_mcore(module)
+    leaf = "weight" if leaf == rule.leaf else leaf
+    if rule.kind == "expert":
+        if leaf != "weight":
+            raise KeyError(f"{name}: the HF {arch.model_type} experts have no {leaf}")
+        return arch.fuse(rule, [get_hf(f"{hprefix}{rule.hf[0]}.{rule.hf_param}")]).contiguous()
     if leaf == "bias" and not rule.hf_bias:
         # Megatron switches biases on for groups of layers; HF's missing ones are zero.
         weights = [get_hf(f"{hprefix}{hf}.weight") for hf in rule.hf]
@@ -71,6 +76,9 @@ def hf_parts_from_mcore(arch: Arch, name: str, tensor: torch.Tensor) -> list[tup
     """
     module, leaf = _split_name(name)
     _, hprefix, rule = arch.rule_for_mcore(module)
+    leaf = "weight" if leaf == rule.leaf else leaf
+    if rule.kind == "expert":
+        return [(f"{hprefix}{rule.hf[0]}.{rule.hf_param}", tensor)]  # slice rule.expert of that HF tensor
     if leaf == "bias" and not rule.hf_bias:
         return []
     parts = arch.split(rule, tensor)
@@ -108,6 +116,7 @@ class HFNames:
 
     def __init__(self, arch: Arch):
         self.arch = arch
+        self._experts: dict[str, dict[int, torch.Tensor]] = {}  # HF 3-D expert tensor -> slices seen
 
     def check(self, keys: list[str]) -> Optional[str]:
         want = self.arch.mcore_param_names()
@@ -121,10 +130,23 @@ class HFNames:
 
     def outputs(self, key: str, shape: tuple, dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
         meta = torch.empty(shape, dtype=dtype, device="meta")
+        rule = self.arch.rule_for_mcore(_split_name(key)[0])[2]
+        if rule.kind == "expert":  # one 3-D HF tensor for all experts, planned with expert 0
+            return [] if rule.expert else [(name, (self.arch.num_experts, *shape), dtype)
+                                           for name, _ in hf_parts_from_mcore(self.arch, key, meta)]
         return [(name, tuple(t.shape), dtype) for name, t in hf_parts_from_mcore(self.arch, key, meta)]
 
     def feed(self, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        return hf_tensors_from_mcore(self.arch, key, tensor)
+        rule = self.arch.rule_for_mcore(_split_name(key)[0])[2]
+        if rule.kind != "expert":
+            return hf_tensors_from_mcore(self.arch, key, tensor)
+        (name, part), = hf_parts_from_mcore(self.arch, key, tensor)
+        seen = self._experts.setdefault(name, {})
+        seen[rule.expert] = part.clone()
+        if len(seen) < self.arch.num_experts:
+            return []
+        del self._experts[name]
+        return [(name, torch.stack([seen[e] for e in range(len(seen))]))]
 
 
 # ---------------------------------------------------------------------- sources

@@ -173,6 +173,11 @@ def is_supported_linear(module: nn.Module, mcore=None) -> bool:
     return _factory_for(module, mcore) is not None
 
 
+def _is_moe_router(module: nn.Module) -> bool:
+    """A megatron-core MoE router (``TopKRouter`` and kin): a gating weight ``[num_experts, hidden]``."""
+    return type(module).__name__.endswith("Router") and hasattr(module, "weight") and hasattr(module, "topk")
+
+
 def create_lora_layer(target: nn.Module, name: str, config=None, mcore=None) -> LoraLayer:
     """Wrap ``target`` in the LoRA layer of the first entry that accepts it.
 
@@ -187,6 +192,12 @@ def create_lora_layer(target: nn.Module, name: str, config=None, mcore=None) -> 
         TypeError: If no entry accepts the module type, or a factory returns no ``LoraLayer``.
     """
     factory = _factory_for(target, mcore)
+    if factory is None and _is_moe_router(target):
+        raise TypeError(
+            f"Target module {name} ({type(target).__name__}) is a mixture-of-experts router, which LoRA does not "
+            "adapt (its gating weight is small and replicated): remove it from target_modules and train it whole "
+            "with modules_to_save=['router']."
+        )
     if factory is None:
         raise TypeError(
             f"Target module {name} ({type(target).__name__}) is not supported. megalora supports torch.nn.Linear, "

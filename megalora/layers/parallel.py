@@ -40,7 +40,8 @@ from torch import nn
 
 from ..collectives import all_reduce_sum, group_rank
 from ..dist_checkpoint_tensors import sharded_tensor
-from ..grad_sync import mark_tp_replicated, mark_tp_sharded, scale_grad
+from ..experts import follows_base_allreduce
+from ..grad_sync import is_dense_tp_group, mark_tp_replicated, mark_tp_sharded, scale_grad
 from ..sharding import ShardSpec
 from .base import LoraLayer
 
@@ -162,11 +163,18 @@ class _ParallelLoraLayer(LoraLayer):
         return self._apply_adapters(x2, F.linear(x2, weight, bias), bias, inplace=True)
 
     def _tag_parameters(self, adapter_name: str) -> None:
+        # A routed expert's layer is split over the expert-TP group and its
+        # weight reduced over the expert-DP group: its factors follow both.
+        dense = is_dense_tp_group(self.tp_group)
+        base_weight = getattr(self.get_base_layer(), "weight", None)
         for entry in self.tensors(adapter_name):
+            follows_base_allreduce(entry.param, base_weight)
             if entry.spec.sharded:
                 mark_tp_sharded(entry.param, entry.spec.dim, 1)
+            elif not dense and self.tp_size == 1:
+                mark_tp_sharded(entry.param, 0, 1)  # whole on this rank, unique in its group
             else:
-                mark_tp_replicated(entry.param)
+                mark_tp_replicated(entry.param, dense)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict = None) -> dict:
         """megatron-core distributed checkpointing: the base layer's tensors, then every adapter's.

@@ -18,6 +18,8 @@ collective.
 
 from __future__ import annotations
 
+import math
+
 import copy
 import dataclasses
 from dataclasses import dataclass, field
@@ -57,16 +59,34 @@ class ModelSection:
     dtype: str = "float32"
     transformer_impl: str = "local"
     make_vocab_size_divisible_by: int = 128
+    # Mixture of experts (megatron-core's names): routed experts replace every dense
+    # MLP when num_moe_experts is set; SequentialMLP experts on the local spec.
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_aux_loss_coeff: float = 0.0
 
 
 @dataclass
 class ParallelSection:
-    """Tensor, pipeline (with virtual chunks) and sequence parallelism; DP is the rest of the world."""
+    """Tensor, pipeline (with virtual chunks), sequence and expert parallelism; DP is the rest of the world.
+
+    ``ep`` splits the routed experts over that many ranks; ``etp`` is the
+    experts' own tensor-parallel size (``null``: the same as ``tp``).
+    """
 
     tp: int = 1
     pp: int = 1
     vpp: Optional[int] = None
     sp: bool = False
+    ep: int = 1
+    etp: Optional[int] = None
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
 
 @dataclass
@@ -168,6 +188,11 @@ class JobConfig:
 
     def model_parallel_size(self) -> int:
         return self.parallel.tp * self.parallel.pp
+
+    def min_world_size(self) -> int:
+        """The smallest world that fits both the dense (TP x PP) and the expert (expert-TP x EP x PP) layout."""
+        p = self.parallel
+        return math.lcm(self.model_parallel_size(), p.ep * p.expert_tp * p.pp)
 
 
 def _section(name: str, cls, values: Any):
@@ -295,6 +320,7 @@ def check(cfg: JobConfig, world_size: Optional[int] = None) -> None:
               f"got {p.vpp!r} with parallel.pp={p.pp}", "use null, or an integer >= 2 together with parallel.pp >= 2")
     _need(not p.sp or p.tp > 1, "parallel.sp", "sequence parallelism needs tensor parallelism",
           "set parallel.tp >= 2 or parallel.sp=false")
+    _check_moe(cfg)
     _need(t.eval_micro_batch_size is None or t.eval_micro_batch_size >= 1, "train.eval_micro_batch_size",
           f"got {t.eval_micro_batch_size!r}", "use null or an integer >= 1")
     for key in ("steps", "micro_batch_size", "global_batch_size"):
@@ -326,6 +352,27 @@ def check(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     cfg.lora_config()  # raises LoraConfig's own named errors
 
 
+def _check_moe(cfg: JobConfig) -> None:
+    """Mixture-of-experts fields against each other and the layout."""
+    m, p = cfg.model, cfg.parallel
+    for key in ("ep", "etp"):
+        value = getattr(p, key)
+        _need(value is None and key == "etp" or isinstance(value, int) and value >= 1, f"parallel.{key}",
+              f"got {value!r}", "use an integer >= 1" + (" or null" if key == "etp" else ""))
+    experts = m.num_moe_experts
+    if experts is None:
+        _need(p.ep == 1, "parallel.ep", f"{p.ep} with no experts", "set model.num_moe_experts, or parallel.ep=1")
+        return
+    _need(isinstance(experts, int) and experts >= 1 and experts % p.ep == 0, "model.num_moe_experts",
+          f"{experts!r} does not split over parallel.ep={p.ep}", "use a multiple of parallel.ep")
+    _need(1 <= m.moe_router_topk <= experts, "model.moe_router_topk", f"{m.moe_router_topk} with {experts} experts",
+          "use 1 <= moe_router_topk <= num_moe_experts")
+    _need(m.moe_token_dispatcher_type in ("alltoall", "allgather"), "model.moe_token_dispatcher_type",
+          f"got {m.moe_token_dispatcher_type!r}", "use 'alltoall' or 'allgather'")
+    _need(p.tp == 1 or p.sp, "parallel.sp", "megatron-core needs sequence parallelism for experts under TP > 1",
+          "set parallel.sp=true")
+
+
 def _check_gpt_shape(cfg: JobConfig) -> None:
     """A random GPT's shape against the layout (megatron-core would fail later, on every rank, less clearly)."""
     m, p = cfg.model, cfg.parallel
@@ -345,6 +392,10 @@ def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
     if world_size % mp:
         raise ValueError(f"parallel.tp x parallel.pp = {mp} does not divide the world size {world_size}; "
                          f"launch a multiple of {mp} processes (e.g. --nproc {mp})")
+    least = cfg.min_world_size()
+    if world_size % least:
+        raise ValueError(f"parallel.ep x expert-TP x parallel.pp does not fit the world size {world_size}; "
+                         f"launch a multiple of {least} processes (e.g. --nproc {least})")
     return world_size // mp
 
 

@@ -53,7 +53,8 @@ class Log:
 def layout_of(cfg: JobConfig) -> dict:
     """What a training checkpoint's per-rank optimizer state depends on."""
     p, t = cfg.parallel, cfg.train
-    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "sp": p.sp, "world_size": dist.get_world_size(),
+    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "sp": p.sp, "ep": p.ep, "etp": p.expert_tp,
+            "world_size": dist.get_world_size(),
             "distributed_optimizer": t.distributed_optimizer, "bf16": t.bf16}
 
 
@@ -190,14 +191,17 @@ def _setup(cfg: JobConfig) -> _Run:
     megalora.init_distributed()
     check_batch_sizes(cfg, dist.get_world_size())
     p = cfg.parallel
-    megalora.init_parallel(p.tp, p.pp, virtual_pipeline_model_parallel_size=p.vpp, seed=cfg.train.seed)
+    megalora.init_parallel(p.tp, p.pp, virtual_pipeline_model_parallel_size=p.vpp, seed=cfg.train.seed,
+                           **({"expert_model_parallel_size": p.ep, "expert_tensor_parallel_size": p.expert_tp}
+                              if cfg.model.num_moe_experts else {}))
     log = Log(dist.get_rank() == 0)
     if dist.get_rank() == 0:
         os.makedirs(cfg.job.output_dir, exist_ok=True)
         _write_json(os.path.join(cfg.job.output_dir, "config.json"), cfg.to_dict())
     dp = data_parallel_size(cfg, dist.get_world_size())
     log(f"layout: world {dist.get_world_size()} = TP {p.tp} x PP {p.pp} x DP {dp}"
-        + (f", VPP {p.vpp}" if p.vpp else "") + (", SP" if p.sp else "") + " | device: "
+        + (f", VPP {p.vpp}" if p.vpp else "") + (", SP" if p.sp else "")
+        + (f", EP {p.ep} x expert-TP {p.expert_tp}" if cfg.model.num_moe_experts else "") + " | device: "
         + ("cuda" if torch.cuda.is_available() else "cpu (gloo)") + f" | launched by {launcher}")
 
     data = _prepare_data(cfg, log)

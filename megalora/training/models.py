@@ -41,12 +41,14 @@ def padded_vocab_size(vocab: int, cfg: JobConfig) -> int:
     return -(-vocab // multiple) * multiple
 
 
-def _sp_norm(normalization: str):
+def _sp_norm(normalization: str, on_sequence_shard: bool = True):
     """A torch norm for the local spec under sequence parallelism.
 
     The local spec's ``WrappedTorchNorm`` refuses ``sequence_parallel``
-    (Megatron expects apex or TE there). Its params are marked
-    ``sequence_parallel`` so that, if trained, their TP-partial grads get summed.
+    (Megatron expects apex or TE there). A norm that runs on this rank's
+    sequence shard has its params marked ``sequence_parallel`` so that, if
+    trained, their TP-partial grads get summed; the q/k norms inside attention
+    (``on_sequence_shard=False``) see the whole sequence and are not marked.
     """
     base = torch.nn.RMSNorm if normalization == "RMSNorm" else torch.nn.LayerNorm
 
@@ -54,7 +56,7 @@ def _sp_norm(normalization: str):
         def __init__(self, config, hidden_size, eps=1e-5, **_):
             super().__init__(hidden_size, eps=eps)
             for p in self.parameters():
-                p.sequence_parallel = config.sequence_parallel
+                p.sequence_parallel = config.sequence_parallel and on_sequence_shard
 
     return SequenceParallelNorm
 
@@ -64,8 +66,17 @@ def layer_spec(cfg: JobConfig, config, vp_stage: Optional[int]):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if cfg.model.transformer_impl == "transformer_engine":
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = specs.get_gpt_layer_local_spec(normalization=config.normalization)
+        experts = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=False) if config.num_moe_experts else {}
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm, **experts)
+    return local_layer_spec(config, vp_stage)
+
+
+def local_layer_spec(config, vp_stage: Optional[int] = None):
+    """megatron-core's local spec for ``config`` (MoE experts, q/k norms), SP-ready on CPU."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    spec = specs.get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                          qk_layernorm=config.qk_layernorm, normalization=config.normalization)
     if not config.sequence_parallel:
         return spec
     import copy
@@ -76,6 +87,9 @@ def layer_spec(cfg: JobConfig, config, vp_stage: Optional[int]):
     spec = copy.deepcopy(spec)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
+    if config.qk_layernorm:
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = _sp_norm(config.normalization, on_sequence_shard=False)
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage),
                                       layer_norm=norm)
 
@@ -97,7 +111,25 @@ def gpt_transformer_config(cfg: JobConfig):
         # perform_initialization stays on: with it off, megatron-core never tags its
         # TP weights (tensor_model_parallel, partition_dim), and sharding them breaks.
         pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        **_moe_kwargs(cfg),
         **cpu_friendly_config_kwargs(params_dtype=dtype, use_cpu_initialization=not torch.cuda.is_available()),
+    )
+
+
+def _moe_kwargs(cfg: JobConfig) -> dict:
+    """The ``TransformerConfig`` fields of routed experts (none for a dense model)."""
+    m, p = cfg.model, cfg.parallel
+    if not m.num_moe_experts:
+        return {}
+    return dict(
+        num_moe_experts=m.num_moe_experts, moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type, moe_grouped_gemm=False,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        # Without an aux loss the step's loss is the LM loss alone, the same at every layout.
+        moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff else "none",
+        expert_model_parallel_size=p.ep, expert_tensor_parallel_size=p.expert_tp,
     )
 
 
@@ -119,14 +151,21 @@ def _init_value(global_name: str, shape, cfg: JobConfig) -> torch.Tensor:
 
 
 def init_gpt_weights(model, cfg: JobConfig) -> None:
-    """Overwrite every parameter with this rank's slice of a layout-independent draw."""
+    """Overwrite every parameter with this rank's slice of a layout-independent draw.
+
+    Each parameter is split over its own layer's TP group: the expert-TP group
+    for routed experts, whose global names carry the global expert index.
+    """
     from megatron.core import parallel_state as ps
 
-    rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    dense = ps.get_tensor_model_parallel_group()
     modules = global_module_names(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             module, _, leaf = name.rpartition(".")
+            group = getattr(model.get_submodule(module), "tp_group", None)
+            group = dense if group is None else group
+            rank, world = group.rank(), group.size()
             global_name = f"{modules[module]}.{leaf}"
             if global_name == "output_layer.weight" and cfg.model.tie_embeddings:
                 global_name = "embedding.word_embeddings.weight"  # the last stage's tied copy

@@ -3,7 +3,8 @@
 The model chunks are wrapped as Megatron-LM's ``get_model`` wraps them:
 ``Float16Module`` under ``train.bf16``, then megatron-core's
 ``DistributedDataParallel`` (one per virtual chunk, bucketing on the first
-only) with ``finalize_model_grads`` as the config's
+only) with ``finalize_model_grads`` (megatron-core's, plus the expert-TP sums
+of :func:`megalora.grad_sync.finalize_model_grads`) as the config's
 ``finalize_model_grads_func``, so that Megatron's pipeline schedule finishes
 the DP reduction, the TP sum of the replicated LoRA factors (tagged
 ``average_gradients_across_tp_domain``) and of ``sequence_parallel`` params,
@@ -47,8 +48,10 @@ def wrap_chunks(chunks: list, t: TrainSection) -> list:
     Call after LoRA is injected and the base frozen, so DDP allocates grad
     buffers for the trainable params only.
     """
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
+
+    from ..grad_sync import finalize_model_grads
 
     # fp32 grad reduction: Megatron-LM turns it on with --bf16; for fp32 params it changes nothing.
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,

@@ -35,7 +35,7 @@ def gathered_grads(peft_model, adapter: str = "default") -> Optional[dict[str, t
     ``save_pretrained`` gathers the weights (same entries, specs and groups).
     """
     from ..adapter_entries import _adapter_entries
-    from ..checkpoint import gather_stages
+    from ..checkpoint import expert_keys, gather_stages
 
     state = {}
     for key, tensor, spec, group in _adapter_entries(peft_model, adapter):
@@ -44,7 +44,7 @@ def gathered_grads(peft_model, adapter: str = "default") -> Optional[dict[str, t
         grad = grad if grad is not None else tensor.grad
         grad = grad if grad is not None else torch.zeros_like(tensor)
         state[key] = gather_full(grad.detach().float(), spec, group).to("cpu", copy=True).contiguous()
-    merged, problem = gather_stages(state)
+    merged, problem = gather_stages(state, expert_keys(peft_model, adapter))
     agree_or_raise(problem)
     return merged
 
