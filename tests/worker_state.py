@@ -12,7 +12,8 @@ after every test:
   ``te_layer_classes`` cache, the Megatron-LM plug-in's pending chunks and
   model, and whether the CPU compatibility layer is on (``cpu_compat``);
 * megatron-core's own globals that outlive ``destroy_model_parallel``: the
-  CUDA-RNG tracker and the micro-batch calculator;
+  CUDA-RNG tracker, the micro-batch calculator and dist-checkpointing's
+  results queue (a spawned Manager process, shut down);
 * with ``process=True`` (the pool's workers, where no pytest fixture runs):
   the torch / ``random`` / numpy RNG states, torch's default dtype, grad mode
   and thread count, the environment and the working directory.
@@ -91,6 +92,14 @@ def _restore_modules(baseline: Baseline) -> None:
     microbatches = loaded("megatron.core.num_microbatches_calculator")
     if microbatches is not None:
         microbatches.destroy_num_microbatches_calculator()
+    fs_async = loaded("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    if fs_async is not None and fs_async._results_queue is not None:
+        # A dist-checkpointing save starts a spawned multiprocessing Manager and keeps it in this
+        # global for the process's lifetime; a pool worker's os._exit would orphan that process.
+        manager = getattr(fs_async._results_queue, "_manager", None)
+        fs_async._results_queue = None
+        if manager is not None:
+            manager.shutdown()
 
 
 def _restore_process(baseline: Baseline) -> None:

@@ -85,3 +85,22 @@ def test_in_process_restore_puts_module_state_back(dirty_here, _clean_state):
     assert lora_seed._SEED["seed"] == 7 and len(dispatch._USER) == 1
     worker_state.restore(_clean_state, process=False)  # what the autouse fixture does after each test
     assert lora_seed._SEED["seed"] is None and dispatch._USER == []
+
+
+def _start_megatron_results_manager() -> int:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    return filesystem_async._get_write_results_queue()._manager._process.pid  # what a dist-checkpoint save does
+
+
+def _live_children() -> list[int]:
+    from tests import procs
+
+    return [pid for pid in procs.descendants() if procs.TRACKER not in procs.cmdline(pid)]
+
+
+def test_dist_checkpointing_manager_process_ends_with_the_task():
+    """megatron keeps a spawned Manager for its write results; the worker's exit would orphan it."""
+    managers = run_on_ranks(2, _start_megatron_results_manager)
+    assert all(pid > 0 for pid in managers)
+    assert run_on_ranks(2, _live_children) == [[], []]
