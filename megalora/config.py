@@ -37,7 +37,7 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 BIAS_OPTIONS = ("none", "all", "lora_only")
 INIT_OPTIONS = ("gaussian", "orthogonal", "pissa", "pissa_niter_<int>", "olora", "loftq", "eva", "corda",
                 "lora_ga", "mica")
-IMPLEMENTED_INITS = (True, False, "gaussian", "orthogonal")
+IMPLEMENTED_INITS = (True, False, "gaussian", "orthogonal", "eva", "corda")
 _PISSA_NITER = re.compile(r"pissa_niter_\d+")
 # Sub-configs that PEFT stores as its own dataclasses and writes as nested dicts.
 _SUBCONFIG_FIELDS = ("eva_config", "corda_config", "lora_ga_config", "velora_config", "monteclora_config",
@@ -271,8 +271,8 @@ class LoraConfig:
         init = self.init_lora_weights
         if not (isinstance(init, bool) or init in IMPLEMENTED_INITS):
             raise NotImplementedError(
-                f"megalora does not implement init_lora_weights={init!r} yet; use True, False, 'gaussian' or "
-                "'orthogonal'")
+                f"megalora does not implement init_lora_weights={init!r} yet; use True, False, 'gaussian', "
+                "'orthogonal', 'eva' or 'corda'")
         unimplemented = ("use_qalora", "trainable_token_indices", "target_parameters",
                          "alora_invocation_tokens", "ensure_weight_tying", "velora_config",
                          "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")

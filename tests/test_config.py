@@ -344,8 +344,6 @@ UNIMPLEMENTED = [
     (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
     (dict(init_lora_weights="pissa_niter_2"), "init_lora_weights"),
     (dict(init_lora_weights="olora"), "init_lora_weights='olora'"),
-    (dict(init_lora_weights="eva", eva_config={}), "init_lora_weights='eva'"),
-    (dict(init_lora_weights="corda", corda_config={}), "init_lora_weights='corda'"),
     (dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 4}), "init_lora_weights='loftq'"),
     (dict(init_lora_weights="lora_ga"), "init_lora_weights='lora_ga'"),
     (dict(init_lora_weights="mica"), "init_lora_weights='mica'"),

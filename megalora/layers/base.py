@@ -212,6 +212,10 @@ class LoraLayer(LoraWeights, BaseLayerFace):
         self.lora_bias[adapter_name] = bool(config.lora_bias)
         self.use_dora[adapter_name] = bool(config.use_dora)  # PEFT's attribute; the code reads the variant
         self.lora_variant[adapter_name] = variant
+        if config.init_lora_weights == "corda":  # before the variant: DoRA's norm reads the rewritten base
+            from ..initializers.corda import corda_init
+
+            corda_init(self, adapter_name)
         variant.init(self, adapter_name, like)
         self._tag_parameters(adapter_name)
         self.set_adapter(self.active_adapters or [adapter_name], inference_mode=config.inference_mode)

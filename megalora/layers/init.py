@@ -76,7 +76,8 @@ def draw_full_factors(
         return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 
     bias = torch.zeros(out_features) if lora_bias else None
-    if init is True:
+    # EVA (as PEFT) starts from the default A and a zero B; CorDA's placeholders are replaced by corda_init.
+    if init is True or init in ("eva", "corda"):
         a, b = uniform((r, in_features), in_features), torch.zeros(out_features, r)
     elif init is False:
         a, b = uniform((r, in_features), in_features), uniform((out_features, r), r)
