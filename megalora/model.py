@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .collectives import all_gather_objects, group_rank
 from .config import LoraConfig
+from .initializers.base_weight import init_adapter_from_base, reads_base_weight
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
 from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
                                      unwrap)
@@ -128,6 +129,9 @@ class LoraModel(nn.Module):
                 for layer_name in module.adapter_layer_names:
                     if adapter_name in getattr(module, layer_name):
                         getattr(module, layer_name)[adapter_name].to(dtype)
+        if reads_base_weight(config.init_lora_weights):
+            # Collective (every rank, targets or not): factors and base weights from the full weights.
+            init_adapter_from_base([m for _, m in self.lora_layers()], adapter_name, config, self.seed)
         for local_name, module, untie_from in saved:
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name, untie_from)

@@ -1,4 +1,9 @@
-"""Initializers that read data or the base weight: CorDA (:mod:`.corda`) and EVA (:mod:`.eva`)."""
+"""LoRA initializers computed from the base model (PiSSA, OLoRA, LoftQ; CorDA and EVA).
+
+``distributed`` runs a decomposition of each layer's full base weight on one
+owner rank and scatters the factors (and rewritten base shards) back, at any
+TP/PP/DP layout; the other modules hold each method's math as pure functions.
+"""
 
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ from ..collectives import agree_or_raise, all_reduce_sum, group_rank, group_size
 from ..parallel_groups import process_groups
 from ..sharding import gather_full
 from ..layers.tensors import gated_chunks, model_tensor_spec
+from .distributed import rewrite_base_shard
 from .calibration import check_supported, eval_mode, full_input, input_split
 
 CORDA_DEFAULTS = dict(cache_file=None, covariance_file=None, corda_method="ipm", verbose=False,
@@ -312,9 +313,9 @@ def corda_init(layer, adapter: str) -> None:
     for entry, full in zip(factors, (a, b)):
         entry.param.data = layer.local(full, entry.spec).to(entry.param.dtype)
     a_local, b_local = factors[0].param.data, factors[1].param.data
-    weight = layer.base_weight_oi()
-    residual = weight.float() - lora_math.delta_weight(a_local.float(), b_local.float(), scaling)
-    layer._set_base_weight_oi(residual.to(weight.dtype))
+    # In place, and copy-on-write for a base weight that layer_replication shares.
+    rewrite_base_shard(layer, layer.base_weight_oi().float() - lora_math.delta_weight(a_local.float(),
+                                                                                     b_local.float(), scaling))
     for attr in ("eigens", "_corda"):
         if hasattr(base, attr):
             delattr(base, attr)

@@ -1,0 +1,255 @@
+"""Initializers that read a layer's full base weight, run at any TP/PP/DP layout.
+
+PiSSA, OLoRA, LoftQ (and CorDA) decompose the *full* weight of a layer, while
+under tensor parallelism each rank holds a shard. The pattern, for every
+(layer, adapter) job:
+
+1. **Plan** (one world ``all_gather_object``): every rank lists the jobs it
+   holds and the global ranks of each job's TP group. The ranks that hold a
+   job (its TP ranks in every data-parallel replica) form its *holder set*;
+   the jobs of one holder set are dealt round-robin to its ranks, so each
+   rank owns every ``len(holders)``-th job.
+2. **Rounds** of ``len(holders)`` jobs, one per owner. In a round, each TP
+   rank sends its weight shard to the job's owner (point-to-point, posted all
+   at once); every owner rebuilds its one full weight and runs the
+   decomposition *at the same time as the others*; then each owner sends
+   every holder that holder's shards of A, B and the new base weight.
+   So no rank holds more than one full weight, and the decompositions of a
+   model run in parallel over the TP and DP ranks.
+3. **Write**: each rank copies the received shards into its factors and
+   rewrites its base-weight shard in place (:func:`rewrite_base_shard`).
+
+The result is the owner's, so randomized decompositions (``pissa_niter_N``)
+never disagree across ranks, and shards follow the layer's tensor table
+(column-parallel: A replicated, B split on dim 0; row-parallel: A split on
+dim 1, B replicated). Without ``torch.distributed`` every job runs locally.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..collectives import all_gather_objects
+from ..replica_sharing import SHARED_ATTR
+from ..sharding import ShardSpec, param_shard_spec
+
+__all__ = ["Decomposition", "Decompose", "base_weight_spec", "init_from_full_weights", "rewrite_base_shard",
+           "job_key", "plan_owners"]
+
+# Point-to-point tags of the two phases of a round.
+_TAG_GATHER, _TAG_SCATTER = 71, 72
+
+
+@dataclass
+class Decomposition:
+    """What a decomposition of one full weight gives.
+
+    Attributes:
+        a: Full A ``[r, in]``.
+        b: Full B ``[out, r]``.
+        base: The full new base weight ``[out, in]``, or ``None`` to leave the base as is.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    base: Optional[torch.Tensor] = None
+
+
+# (layer, adapter, full fp32 weight [out, in]) -> Decomposition. The weight is the
+# owner's own fresh tensor: the callable may overwrite it (e.g. into W_res).
+Decompose = Callable[[nn.Module, str, torch.Tensor], Decomposition]
+
+
+def job_key(layer: nn.Module, adapter: str) -> str:
+    """The layout-independent name of one (layer, adapter) job."""
+    return f"{layer.global_name}|{adapter}"
+
+
+def base_weight_spec(layer: nn.Module) -> ShardSpec:
+    """How the layer's ``[out, in]`` base weight is split across its TP group."""
+    return param_shard_spec(layer.base_weight_oi(), getattr(layer, "out_chunks", 1))
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _tp_global_ranks(layer: nn.Module) -> tuple[int, ...]:
+    """Global ranks of the layer's TP group, in TP-rank order (just this rank when unsharded)."""
+    group = getattr(layer, "tp_group", None)
+    if group is None or layer.tp_size == 1:
+        return (dist.get_rank(),)
+    return tuple(dist.get_process_group_ranks(group))
+
+
+@dataclass
+class _Job:
+    key: str
+    owner: int                      # global rank that decomposes
+    owner_tp: tuple[int, ...]       # the owner's TP group, whose shards it gathers
+    holders: dict[int, tuple[int, ...]]  # holder global rank -> its TP group
+
+
+def plan_owners(jobs: Sequence[tuple[nn.Module, str]]) -> list[list[_Job]]:
+    """Collective over the world: the rounds this rank takes part in, in the order every rank uses.
+
+    Jobs are grouped by holder set; within one, the ``j``-th job (in the order
+    of the set's first rank) goes to ``holders[j % len(holders)]``, and each
+    round has at most one job per owner.
+    """
+    mine = [(job_key(layer, adapter), _tp_global_ranks(layer)) for layer, adapter in jobs]
+    reports = all_gather_objects(mine)
+    holders: dict[str, dict[int, tuple[int, ...]]] = defaultdict(dict)
+    order: dict[str, tuple[int, int]] = {}
+    for rank, report in enumerate(reports):
+        for i, (key, tp) in enumerate(report):
+            holders[key][rank] = tuple(tp)
+            order.setdefault(key, (rank, i))
+    by_set: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for key in sorted(holders, key=lambda k: order[k]):
+        by_set[tuple(sorted(holders[key]))].append(key)
+    me = dist.get_rank()
+    rounds: list[list[_Job]] = []
+    for hset in sorted(by_set):
+        if me not in hset:
+            continue
+        keys, n = by_set[hset], len(hset)
+        for start in range(0, len(keys), n):
+            batch = []
+            for j, key in enumerate(keys[start:start + n]):
+                owner = hset[(start + j) % n]
+                batch.append(_Job(key, owner, holders[key][owner], holders[key]))
+            rounds.append(batch)
+    return rounds
+
+
+def rewrite_base_shard(layer: nn.Module, local_oi: torch.Tensor) -> None:
+    """Write ``local_oi`` (this rank's ``[out, in]`` shard) into the layer's base weight, in place.
+
+    A base weight that ``layer_replication`` shares between layer copies gets
+    a private copy first: each copy has its own adapter, hence its own
+    residual, and the other copies must keep theirs.
+    """
+    base = layer.get_base_layer()
+    weight = base._parameters.get("weight")
+    if weight is not None and getattr(weight, SHARED_ATTR, False):
+        private = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        private.__dict__.update({k: v for k, v in weight.__dict__.items() if k != SHARED_ATTR})
+        base._parameters["weight"] = private
+    with torch.no_grad():
+        layer._set_base_weight_oi(local_oi.to(dtype=layer.base_weight_oi().dtype))
+
+
+def _local(full: torch.Tensor, spec: ShardSpec, tp: tuple[int, ...], rank: int) -> torch.Tensor:
+    return spec.local(full, tp.index(rank), len(tp))
+
+
+def _write(layer: nn.Module, adapter: str, a: torch.Tensor, b: torch.Tensor, base: Optional[torch.Tensor]) -> None:
+    """Copy local shards into the adapter's factors and (if given) the base weight."""
+    with torch.no_grad():
+        for factor, value in ((layer.lora_A[adapter], a), (layer.lora_B[adapter], b)):
+            # In place: megatron-core's attributes (and any DDP buffer view) stay attached.
+            factor.weight.copy_(value.reshape(factor.weight.shape))
+    if base is not None:
+        rewrite_base_shard(layer, base)
+
+
+def _factor_specs(layer: nn.Module, adapter: str) -> tuple[ShardSpec, ShardSpec]:
+    """A's and B's shard specs, read from the layer's tensor table."""
+    specs = {entry.role: entry.spec for entry in layer.tensors(adapter)}
+    return specs["A"], specs["B"]
+
+
+def _pieces(layer, adapter, out: Decomposition, tp: tuple[int, ...], rank: int) -> list[torch.Tensor]:
+    a_spec, b_spec = _factor_specs(layer, adapter)
+    pieces = [_local(out.a, a_spec, tp, rank), _local(out.b, b_spec, tp, rank)]
+    if out.base is not None:
+        pieces.append(_local(out.base, base_weight_spec(layer), tp, rank))
+    return [p.float().contiguous() for p in pieces]
+
+
+def _run_round(batch: list[_Job], layers: dict[str, tuple[nn.Module, str]], decompose: Decompose,
+               rewrites_base: bool) -> None:
+    me = dist.get_rank()
+    # Phase 1: shards of the base weight to each job's owner.
+    requests, received = [], {}
+    for job in batch:
+        layer, _ = layers[job.key]
+        if me not in job.owner_tp:
+            continue
+        shard = layer.base_weight_oi().detach().float().contiguous()
+        if me == job.owner:
+            bufs = [shard if r == me else torch.empty_like(shard) for r in job.owner_tp]
+            requests += [dist.irecv(buf, src=r, tag=_TAG_GATHER) for r, buf in zip(job.owner_tp, bufs) if r != me]
+            received[job.key] = bufs
+        else:
+            requests.append(dist.isend(shard, dst=job.owner, tag=_TAG_GATHER))
+    for req in requests:
+        req.wait()
+    # Phase 2: every owner decomposes its one full weight (the owners at the same time).
+    results = {}
+    for job in batch:
+        if job.owner == me:
+            layer, adapter = layers[job.key]
+            full = base_weight_spec(layer).full_from_shards(received.pop(job.key))
+            out = decompose(layer, adapter, full)
+            del full
+            results[job.key] = {r: _pieces(layer, adapter, out, tp, r) for r, tp in job.holders.items()}
+            del out
+    # Phase 3: each holder's shards from each owner.
+    requests, mine = [], {}
+    for job in batch:
+        layer, adapter = layers[job.key]
+        if job.owner == me:
+            for r, pieces in results[job.key].items():
+                if r == me:
+                    mine[job.key] = pieces
+                else:
+                    requests.append(dist.isend(torch.cat([p.reshape(-1) for p in pieces]), dst=r, tag=_TAG_SCATTER))
+        elif me in job.holders:
+            shapes = [layer.lora_A[adapter].weight.shape, layer.lora_B[adapter].weight.shape]
+            if rewrites_base:
+                shapes.append(layer.base_weight_oi().shape)
+            flat = torch.empty(sum(int(torch.Size(s).numel()) for s in shapes))
+            requests.append(dist.irecv(flat, src=job.owner, tag=_TAG_SCATTER))
+            mine[job.key] = (flat, shapes)
+    for req in requests:
+        req.wait()
+    for key, got in mine.items():
+        layer, adapter = layers[key]
+        if isinstance(got, tuple):
+            flat, shapes = got
+            got = [part.view(shape) for part, shape in zip(flat.split([torch.Size(s).numel() for s in shapes]),
+                                                          shapes)]
+        _write(layer, adapter, got[0], got[1], got[2] if rewrites_base else None)
+
+
+def init_from_full_weights(jobs: Sequence[tuple[nn.Module, str]], decompose: Decompose,
+                           rewrites_base: bool = True) -> None:
+    """Collective over the world: set each job's factors (and base weight) from its full base weight.
+
+    Every rank must call it (with the jobs it holds, possibly none), before
+    training. See the module docstring for the protocol.
+
+    Args:
+        jobs: ``(lora layer, adapter name)`` pairs this rank holds; the
+            adapter's factors must already exist (any values).
+        decompose: Runs on one owner rank per job, on the full fp32 weight.
+        rewrites_base: Whether ``decompose`` returns a new base weight (it
+            must then always return one); ``False`` keeps the base.
+    """
+    if not _dist():
+        for layer, adapter in jobs:
+            full = layer.base_weight_oi().detach().float().clone()
+            out = decompose(layer, adapter, full)
+            _write(layer, adapter, out.a, out.b, out.base if rewrites_base else None)
+        return
+    layers = {job_key(layer, adapter): (layer, adapter) for layer, adapter in jobs}
+    for batch in plan_owners(jobs):
+        _run_round(batch, layers, decompose, rewrites_base)
