@@ -179,7 +179,7 @@ def _calibrate(model, targets, settings, run_model) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    pgs = process_groups()
+    pgs = process_groups() if _world() > 1 else None
     dp = pgs.dp_cp if pgs is not None else None
     problem = None
     for t in targets:

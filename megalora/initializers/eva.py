@@ -118,10 +118,10 @@ def _prepare_default(layer_input, model_input, layer_name) -> torch.Tensor:
 
 
 def _dp_group():
+    if not (dist.is_available() and dist.is_initialized()):
+        return None  # and no megatron import for a plain model
     pgs = process_groups()
-    if pgs is not None:
-        return pgs.dp_cp
-    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    return pgs.dp_cp if pgs is not None else dist.group.WORLD
 
 
 def _gather_rows(x: torch.Tensor, group) -> torch.Tensor:
