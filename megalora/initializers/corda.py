@@ -40,7 +40,7 @@ from .. import lora_math
 from ..collectives import agree_or_raise, all_reduce_sum, group_rank, group_size
 from ..parallel_groups import process_groups
 from ..sharding import gather_full
-from ..layers.tensors import gated_chunks, model_tensor_spec
+from ..layers.tensors import model_tensor_spec
 from .distributed import rewrite_base_shard
 from .calibration import check_supported, eval_mode, full_input, input_split
 

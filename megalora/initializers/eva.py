@@ -20,7 +20,8 @@ forwards. Layers with equal inputs are detected per stage, as PEFT does per mode
 
 Megatron's activations are ``[s, b, h]``: :func:`prepare_layer_inputs_fn_megatron`
 (the default) reads them as ``[b, s, h]`` so that the ``[b, s]`` token mask of
-:func:`prepare_model_inputs_fn_megatron` applies. ``forward_fn`` runs the model on
+:func:`prepare_model_inputs_fn_megatron` applies (on a plain layer the default
+falls back to PEFT's ``[b, s, h]`` function). ``forward_fn`` runs the model on
 one batch; under PP it runs megatron-core's schedule, and every stage's
 dataloader yields the batch (the hooks need its mask).
 """
@@ -37,11 +38,12 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..collectives import all_gather_objects, group_size
-from ..parallel_groups import process_groups
+from ..collectives import all_gather_objects
 from ..targeting import pattern_value
-from .calibration import check_supported, eval_mode, full_input
-from .incremental_pca import IncrementalPCA
+from .calibration import check_supported, eval_mode
+from .eva_hooks import (HashHook, SVDHook, _prepare_default, forward_fn_dict,  # noqa: F401 (PEFT's names)
+                        prepare_layer_inputs_fn_language_modeling, prepare_layer_inputs_fn_megatron,
+                        prepare_model_inputs_fn_megatron)
 
 EVA_DEFAULTS = dict(rho=2.0, tau=0.99, use_label_mask=True, label_mask_value=-100, whiten=False,
                     adjust_scaling_factors=True)
@@ -62,131 +64,6 @@ def eva_settings(config) -> dict:
     if not 0.0 <= out["tau"] <= 1.0:
         raise ValueError(f"eva_config.tau must be between 0.0 and 1.0, got {out['tau']}")
     return out
-
-
-# ---------------------------------------------------------------------------- input functions
-
-
-def forward_fn_dict(model, inputs):
-    """PEFT's default: ``model(**inputs)``."""
-    return model(**inputs)
-
-
-def prepare_model_inputs_fn_megatron(model_input, peft_config):
-    """The ``(b, s)`` indices of the tokens EVA uses, or ``None`` for all of them.
-
-    A dict batch with ``input_ids`` (or ``tokens``) ``[b, s]``: PEFT's rule, a
-    2-D ``attention_mask`` (1 = keep) and, with ``use_label_mask``, labels not
-    equal to ``label_mask_value``; a ``loss_mask`` (megatron's) is applied too.
-    Any other batch: every token.
-    """
-    if not isinstance(model_input, Mapping):
-        return None
-    tokens = model_input.get("input_ids", model_input.get("tokens"))
-    if tokens is None:
-        return None
-    mask = model_input.get("attention_mask")
-    mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None or mask.dim() != 2 else mask.bool()
-    settings = eva_settings(peft_config)
-    if settings["use_label_mask"] and model_input.get("labels") is not None:
-        mask = mask & (model_input["labels"] != settings["label_mask_value"])
-    if model_input.get("loss_mask") is not None:
-        mask = mask & model_input["loss_mask"].bool()
-    return mask.nonzero()
-
-
-def prepare_layer_inputs_fn_megatron(layer_input, model_input, layer_name) -> torch.Tensor:
-    """A layer's ``[s, b, h]`` input as the ``[tokens, h]`` rows that ``model_input`` selects."""
-    if isinstance(layer_input, (tuple, list)):
-        layer_input = layer_input[0]
-    if not isinstance(layer_input, torch.Tensor):
-        raise TypeError(f"unsupported input type {type(layer_input)} for prepare_layer_inputs_fn in layer "
-                        f"{layer_name}, please provide a custom prepare_layer_inputs_fn")
-    x = layer_input.transpose(0, 1) if layer_input.dim() == 3 else layer_input
-    if model_input is None:
-        return x.reshape(-1, x.shape[-1])
-    return x[model_input.T.unbind()]
-
-
-def _prepare_default(layer_input, model_input, layer_name) -> torch.Tensor:
-    """PEFT's fallback for ``prepare_layer_inputs_fn=None``: flatten all but the last dimension."""
-    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
-    return x.reshape(-1, x.size(-1)) if x.ndim > 2 else x
-
-
-# ---------------------------------------------------------------------------- hooks
-
-
-def _dp_group():
-    if not (dist.is_available() and dist.is_initialized()):
-        return None  # and no megatron import for a plain model
-    pgs = process_groups()
-    return pgs.dp_cp if pgs is not None else dist.group.WORLD
-
-
-def _gather_rows(x: torch.Tensor, group) -> torch.Tensor:
-    """Collective: every replica's rows, in rank order (PEFT's padded all-gather)."""
-    world = group_size(group)
-    if world == 1:
-        return x
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]]), group=group)
-    sizes = [int(s.item()) for s in sizes]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
-
-
-class _Hook:
-    """Prepares a layer's input as PEFT's hooks do, with the TP and DP gathers around it."""
-
-    def __init__(self, name: str, prepare_fn: Callable, gather: bool):
-        self.name = name
-        self.prepare_fn = prepare_fn
-        self.gather = gather
-        self.model_input = None
-
-    def states(self, module, inputs) -> torch.Tensor:
-        x = full_input(module, inputs[0])  # every TP rank: the whole input
-        x = self.prepare_fn((x, *inputs[1:]), self.model_input, self.name)
-        return _gather_rows(x, _dp_group()) if self.gather else x
-
-
-class _HashHook(_Hook):
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.hashed_inputs = []
-
-    @torch.no_grad()
-    def __call__(self, module, inputs, output):
-        x = self.states(module, inputs)
-        self.hashed_inputs.append(hash(tuple(x.cpu().view(-1).tolist())))
-
-
-class _SVDHook(_Hook):
-    def __init__(self, name, prepare_fn, gather, n_components: int, sim_thresh: float):
-        super().__init__(name, prepare_fn, gather)
-        self.n_components = n_components
-        self.sim_thresh = sim_thresh
-        self.svd = IncrementalPCA(n_components=n_components, lowrank_seed=42)
-        self.converged = torch.zeros((n_components,), dtype=torch.bool)
-
-    @torch.no_grad()
-    def __call__(self, module, inputs, output):
-        previous = self.svd.components_.clone().detach() if hasattr(self.svd, "components_") else None
-        states = self.states(module, inputs)
-        if states.size(0) < self.n_components:
-            print(f"skipping SVD for {self.name} because there are less than {self.n_components} examples")
-            return
-        self.svd.partial_fit(states.to(torch.float32))
-        if previous is None:
-            return
-        components = self.svd.components_
-        if len(components.shape) == 1:
-            components, previous = components.reshape(1, -1), previous.reshape(1, -1)
-        self.converged = torch.nn.functional.cosine_similarity(components, previous) >= self.sim_thresh
 
 
 # ---------------------------------------------------------------------------- the computation
@@ -285,7 +162,7 @@ def _compute(model, dataloader, config, settings, targets, forward_fn, prepare_m
     modules = dict(targets)
     for name, module in targets:
         fn = fns.pop(name, None) if fns is not None else prepare_layer_inputs_fn
-        hook = _HashHook(name, fn or _prepare_default, gather)
+        hook = HashHook(name, fn or _prepare_default, gather)
         hook.model_input = hook_input
         hooks[name] = (hook, module.register_forward_hook(hook))
         ranks[name] = int(pattern_value(config.rank_pattern, name, config.r))
@@ -311,7 +188,7 @@ def _compute(model, dataloader, config, settings, targets, forward_fn, prepare_m
         handle.remove()
         if name in equal_inputs_map:
             continue
-        svd = _SVDHook(name, hook.prepare_fn, gather, max_components[name], settings["tau"])
+        svd = SVDHook(name, hook.prepare_fn, gather, max_components[name], settings["tau"])
         hooks[name] = (svd, modules[name].register_forward_hook(svd))
     layer_hook_map = {**dict(zip(hooks, hooks)), **equal_inputs_map}
     convergence = {k: False for k in hooks}

@@ -123,3 +123,20 @@ def test_eva_needs_eva_init():
     m = megalora.get_peft_model(Branches(), megalora.LoraConfig(r=4, target_modules=["up"]))
     with pytest.raises(ValueError, match="init_lora_weights='eva'"):
         megalora.initialize_lora_eva_weights(m, batches(2))
+
+
+def test_megatron_input_functions_read_s_b_h_through_the_token_mask():
+    import megalora
+    from megalora.initializers.eva_hooks import prepare_layer_inputs_fn_megatron, prepare_model_inputs_fn_megatron
+
+    config = megalora.LoraConfig(r=2, target_modules=["x"], init_lora_weights="eva")
+    labels = torch.tensor([[1, -100, 2], [3, 4, -100]])
+    batch = dict(input_ids=torch.zeros(2, 3, dtype=torch.long), labels=labels,
+                 attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    idx = prepare_model_inputs_fn_megatron(batch, config)
+    assert idx.tolist() == [[0, 0], [0, 2], [1, 1]]  # (b, s) of the kept tokens, PEFT's order
+    x = torch.arange(3 * 2 * 4.0).view(3, 2, 4)  # megatron's [s, b, h]
+    rows = prepare_layer_inputs_fn_megatron((x,), idx, "x")
+    assert torch.equal(rows, torch.stack([x[0, 0], x[2, 0], x[1, 1]]))
+    assert prepare_model_inputs_fn_megatron((batch["input_ids"], labels), config) is None  # not a dict: all tokens
+    assert prepare_layer_inputs_fn_megatron((x,), None, "x").shape == (6, 4)
