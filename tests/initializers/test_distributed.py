@@ -154,3 +154,53 @@ def test_layouts_match_world_size_one(dist2, tmp_path):
     for layout, losses in replication.items():
         for key in ("pissa", "merged", "unmerged"):
             assert abs(losses[key] - losses[True]) < 1e-5, (layout, key, losses)
+
+
+def _failure_body():
+    """Two plain layers held by both ranks (one job each); the decomposition of one fails on its owner."""
+    import torch.distributed as dist
+    from torch import nn
+
+    import megalora
+    from megalora.initializers.distributed import Decomposition, init_from_full_weights
+
+    torch.manual_seed(0)
+    peft = megalora.get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)),
+                                   megalora.LoraConfig(r=2, target_modules=["0", "1"]))
+    jobs = [(layer, "default") for _, layer in peft.base_model.lora_layers()]
+
+    def decompose(layer, adapter, weight):
+        if layer.global_name == "1":
+            raise ArithmeticError("planted")
+        return Decomposition(weight[:2], weight[:, :2], weight)
+
+    try:
+        init_from_full_weights(jobs, decompose)
+    except Exception as exc:  # noqa: BLE001
+        return dist.get_rank(), type(exc).__name__, str(exc)
+    return dist.get_rank(), None, None
+
+
+def test_a_failed_decomposition_raises_on_every_rank_without_hanging(dist2):
+    got = dist2(_failure_body)
+    kinds = sorted(kind for _, kind, _ in got)
+    assert kinds == ["ArithmeticError", "RuntimeError"], got
+    assert any("failed on its owner, global rank" in str(msg) for _, _, msg in got), got
+
+
+def _rank_too_big_body():
+    from torch import nn
+
+    import megalora
+
+    try:
+        megalora.get_peft_model(nn.Sequential(nn.Linear(8, 4)),
+                                megalora.LoraConfig(r=6, target_modules=["0"], init_lora_weights="pissa"))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_rank_above_the_weight_rank_is_refused_on_every_rank(dist2):
+    for message in dist2(_rank_too_big_body):
+        assert message and "needs r <= min(in_features, out_features) = 4" in message, message
