@@ -63,6 +63,10 @@ def init_adapter_from_base(lora_layers, adapter: str, config, seed: int) -> None
     # Checked on every rank before the first message: a bad rank would otherwise hang the others.
     agree_or_raise(next(filter(None, (_rank_problem(layer, adapter, config) for layer, adapter in jobs)), None))
     init_from_full_weights(jobs, decomposer(config.init_lora_weights, config.loftq_config or {}, seed))
+    for layer, _ in jobs:
+        # Kept (adapter-sized, never saved) for exports that must apply to the original base.
+        layer.__dict__.setdefault("initial_factors", {})[adapter] = {
+            "A": layer.lora_A[adapter].weight.detach().clone(), "B": layer.lora_B[adapter].weight.detach().clone()}
 
 
 def _rank_problem(layer, adapter: str, config) -> Optional[str]:
