@@ -174,6 +174,17 @@ def _pieces(layer, adapter, out: Decomposition, tp: tuple[int, ...], rank: int) 
     return [p.float().contiguous() for p in pieces]
 
 
+def _holder_pieces(layer, adapter, out: Decomposition, holders: dict) -> dict:
+    """Each holder's shards; holders at the same TP position (DP replicas) share one set."""
+    by_position, result = {}, {}
+    for r, tp in holders.items():
+        position = (tp.index(r), len(tp))
+        if position not in by_position:
+            by_position[position] = _pieces(layer, adapter, out, tp, r)
+        result[r] = by_position[position]
+    return result
+
+
 def _run_round(batch: list[_Job], layers: dict[str, tuple[nn.Module, str]], decompose: Decompose,
                rewrites_base: bool) -> None:
     me = dist.get_rank()
@@ -200,7 +211,7 @@ def _run_round(batch: list[_Job], layers: dict[str, tuple[nn.Module, str]], deco
             full = base_weight_spec(layer).full_from_shards(received.pop(job.key))
             try:
                 out = decompose(layer, adapter, full)
-                results[job.key] = {r: _pieces(layer, adapter, out, tp, r) for r, tp in job.holders.items()}
+                results[job.key] = _holder_pieces(layer, adapter, out, job.holders)
             except Exception as exc:  # noqa: BLE001 - the holders are told below instead of left waiting
                 failure, results[job.key] = exc, None
             del full
