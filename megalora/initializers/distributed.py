@@ -166,21 +166,23 @@ def _factor_specs(layer: nn.Module, adapter: str) -> tuple[ShardSpec, ShardSpec]
     return specs["A"], specs["B"]
 
 
-def _pieces(layer, adapter, out: Decomposition, tp: tuple[int, ...], rank: int) -> list[torch.Tensor]:
+def _pieces(layer, adapter, out: Decomposition, tp: tuple[int, ...], rank: int,
+            rewrites_base: bool) -> list[torch.Tensor]:
+    """Rank ``rank``'s shards of A, B (and of the new base weight when ``rewrites_base``)."""
     a_spec, b_spec = _factor_specs(layer, adapter)
     pieces = [_local(out.a, a_spec, tp, rank), _local(out.b, b_spec, tp, rank)]
-    if out.base is not None:
+    if rewrites_base:
         pieces.append(_local(out.base, base_weight_spec(layer), tp, rank))
     return [p.float().contiguous() for p in pieces]
 
 
-def _holder_pieces(layer, adapter, out: Decomposition, holders: dict) -> dict:
+def _holder_pieces(layer, adapter, out: Decomposition, holders: dict, rewrites_base: bool) -> dict:
     """Each holder's shards; holders at the same TP position (DP replicas) share one set."""
     by_position, result = {}, {}
     for r, tp in holders.items():
         position = (tp.index(r), len(tp))
         if position not in by_position:
-            by_position[position] = _pieces(layer, adapter, out, tp, r)
+            by_position[position] = _pieces(layer, adapter, out, tp, r, rewrites_base)
         result[r] = by_position[position]
     return result
 
@@ -211,7 +213,7 @@ def _run_round(batch: list[_Job], layers: dict[str, tuple[nn.Module, str]], deco
             full = base_weight_spec(layer).full_from_shards(received.pop(job.key))
             try:
                 out = decompose(layer, adapter, full)
-                results[job.key] = _holder_pieces(layer, adapter, out, job.holders)
+                results[job.key] = _holder_pieces(layer, adapter, out, job.holders, rewrites_base)
             except Exception as exc:  # noqa: BLE001 - the holders are told below instead of left waiting
                 failure, results[job.key] = exc, None
             del full

@@ -12,7 +12,8 @@ pissa_niter_2, olora and loftq checks:
 * ``export_merged`` right after init writes the original weights (PiSSA),
   and after training TP=2's merged export equals TP=1's;
 * an adapter saved at TP=2 and loaded at PP=2 with ``from_pretrained``
-  (which re-runs the init on the original base, as PEFT does) gives the same loss;
+  (which re-runs the init on the original base, as PEFT does), or as an
+  adapter-only dist checkpoint into a fresh PiSSA model, gives the same loss;
 * ``layer_replication`` copies (on one stage at TP=2, across stages at PP=2)
   keep their own residuals: the loss at init is the replicated base model's,
   also after merge/unmerge.
@@ -77,6 +78,7 @@ def _layouts_body(tmp: str):
     import torch.distributed as dist
 
     import megalora
+    from megalora.dist_checkpoint import load_adapter_dist_checkpoint, save_adapter_dist_checkpoint
     from megalora.parallel_start import destroy_parallel
 
     full = U.reference_weights(num_layers=2)
@@ -96,12 +98,18 @@ def _layouts_body(tmp: str):
                 r["export"] = _exported(peft, f"{tmp}/{layout}")
                 if layout == "tp2":
                     peft.save_pretrained(f"{tmp}/adapter")
+                    save_adapter_dist_checkpoint(peft, f"{tmp}/dist_ckpt")
                     r["trained_loss"] = _loss(model, init_steps)
             destroy_parallel()
-    # Reload at PP=2: from_pretrained re-runs PiSSA on the original base, then loads the trained factors.
+    # Reload at PP=2: from_pretrained re-runs PiSSA on the original base, then loads the trained factors;
+    # so does a fresh PiSSA model that loads the adapter-only dist checkpoint.
     model = [U.build(full, num_layers=2, pp=2)]
-    peft = megalora.PeftModel.from_pretrained(model, f"{tmp}/adapter")
-    reloaded = _loss(model, init_steps)
+    megalora.PeftModel.from_pretrained(model, f"{tmp}/adapter")
+    reloaded = [_loss(model, init_steps)]
+    destroy_parallel()
+    model = [U.build(full, num_layers=2, pp=2)]
+    load_adapter_dist_checkpoint(megalora.get_peft_model(model, _config("pissa"), seed=5), f"{tmp}/dist_ckpt")
+    reloaded.append(_loss(model, init_steps))
     destroy_parallel()
     replication = {layout: _replication_case(full, init_steps, **kw) for layout, kw in LAYOUTS.items() if layout != "tp1"}
     dist.barrier()
@@ -150,7 +158,8 @@ def test_layouts_match_world_size_one(dist2, tmp_path):
         U.assert_close(value, full[key], 1e-5, f"merged export at init {key}")
     for key, value in res["tp2", "pissa"]["export"].items():
         U.assert_close(value, res["tp1", "pissa"]["export"][key], 1e-5, f"merged export after training {key}")
-    assert abs(reloaded - res["tp2", "pissa"]["trained_loss"]) < 1e-5, (reloaded, res["tp2", "pissa"]["trained_loss"])
+    for loss in reloaded:  # from_pretrained, then the dist checkpoint
+        assert abs(loss - res["tp2", "pissa"]["trained_loss"]) < 1e-5, (reloaded, res["tp2", "pissa"]["trained_loss"])
     for layout, losses in replication.items():
         for key in ("pissa", "merged", "unmerged"):
             assert abs(losses[key] - losses[True]) < 1e-5, (layout, key, losses)
