@@ -78,6 +78,7 @@ def _layouts_body(tmp: str):
     import torch.distributed as dist
 
     import megalora
+    from megalora.checkpoint import read_adapter_tensors
     from megalora.dist_checkpoint import load_adapter_dist_checkpoint, save_adapter_dist_checkpoint
     from megalora.parallel_start import destroy_parallel
 
@@ -93,9 +94,14 @@ def _layouts_body(tmp: str):
             r["init_loss"], r["base_loss"] = _loss(model, init_steps), base_loss
             if init == "pissa" and layout == "tp2":
                 r["export_init"] = _exported(peft, f"{tmp}/init")
+            if init == "pissa":
+                peft.save_pretrained(f"{tmp}/{layout}_initial")
             r["losses"] = _losses(model, train_steps)
             if init == "pissa":
                 r["export"] = _exported(peft, f"{tmp}/{layout}")
+                peft.save_pretrained(f"{tmp}/{layout}_lora", path_initial_model_for_weight_conversion=f"{tmp}/{layout}_initial")
+                dist.barrier()
+                r["converted"] = read_adapter_tensors(f"{tmp}/{layout}_lora")
                 if layout == "tp2":
                     peft.save_pretrained(f"{tmp}/adapter")
                     save_adapter_dist_checkpoint(peft, f"{tmp}/dist_ckpt")
@@ -158,6 +164,18 @@ def test_layouts_match_world_size_one(dist2, tmp_path):
         U.assert_close(value, full[key], 1e-5, f"merged export at init {key}")
     for key, value in res["tp2", "pissa"]["export"].items():
         U.assert_close(value, res["tp1", "pissa"]["export"][key], 1e-5, f"merged export after training {key}")
+    # PEFT's conversion at every layout: the same rank-2r adapter, and original + s·B'@A' = the merged export.
+    converted = res["tp1", "pissa"]["converted"]
+    for layout in ("tp2", "pp2"):
+        for key, value in res[layout, "pissa"]["converted"].items():
+            U.assert_close(value, converted[key], 1e-5, f"converted {layout} {key}")
+    for key, a in converted.items():
+        if key.endswith("lora_A.weight"):
+            assert a.shape[0] == 8, "r doubled"
+            name = key[len("base_model.model."):-len(".lora_A.weight")] + ".weight"
+            b = converted[key.replace("lora_A", "lora_B")]
+            expected = full[name] + 2.0 * (b @ a)  # scaling alpha/r = 8/4, kept by the conversion
+            U.assert_close(res["tp1", "pissa"]["export"][name], expected, 1e-5, f"original + converted delta {name}")
     for loss in reloaded:  # from_pretrained, then the dist checkpoint
         assert abs(loss - res["tp2", "pissa"]["trained_loss"]) < 1e-5, (reloaded, res["tp2", "pissa"]["trained_loss"])
     for layout, losses in replication.items():
