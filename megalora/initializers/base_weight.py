@@ -12,8 +12,9 @@ dequantized weight (LoftQ).
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Optional
 
+from ..collectives import agree_or_raise
 from .distributed import Decompose, Decomposition, init_from_full_weights
 from .loftq import loftq
 from .svd import olora, pissa, pissa_niter
@@ -59,4 +60,20 @@ def init_adapter_from_base(lora_layers, adapter: str, config, seed: int) -> None
         seed: The base seed (seeds ``pissa_niter_N``'s randomized SVD).
     """
     jobs = [(layer, adapter) for layer in lora_layers if adapter in layer.lora_A]
+    # Checked on every rank before the first message: a bad rank would otherwise hang the others.
+    agree_or_raise(next(filter(None, (_rank_problem(layer, adapter, config) for layer, adapter in jobs)), None))
     init_from_full_weights(jobs, decomposer(config.init_lora_weights, config.loftq_config or {}, seed))
+    for layer, _ in jobs:
+        # Kept (adapter-sized, never saved) for exports that must apply to the original base.
+        layer.__dict__.setdefault("initial_factors", {})[adapter] = {
+            "A": layer.lora_A[adapter].weight.detach().clone(), "B": layer.lora_B[adapter].weight.detach().clone()}
+
+
+def _rank_problem(layer, adapter: str, config) -> Optional[str]:
+    """Why ``layer`` cannot take this init at its rank (``None`` if it can)."""
+    r, limit = layer.r[adapter], min(layer.in_features, layer.out_features)
+    if r > limit:
+        return (f"init_lora_weights={config.init_lora_weights!r} needs r <= min(in_features, out_features) = {limit} "
+                f"on {layer.global_name or type(layer.get_base_layer()).__name__}, got r={r}; lower r or set a "
+                "smaller rank_pattern entry for it")
+    return None

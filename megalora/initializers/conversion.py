@@ -28,11 +28,14 @@ from typing import Optional
 
 import torch
 
-__all__ = ["check_convertible", "converted_config", "converted_state", "mark_initial_config"]
+__all__ = ["check_convertible", "converted_config", "converted_state", "initial_state", "mark_initial_config"]
 
 
-def check_convertible(config, init_dir: str) -> Optional[str]:
-    """Why ``config``'s adapter cannot be converted against ``init_dir`` (``None`` if it can)."""
+def check_convertible(config, init_dir: Optional[str]) -> Optional[str]:
+    """Why ``config``'s adapter cannot be converted against ``init_dir`` (``None`` if it can).
+
+    ``init_dir=None``: the initial factors are the ones kept in memory (the HF export).
+    """
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         return ("path_initial_model_for_weight_conversion cannot be used with use_rslora=True together with "
                 "rank_pattern or alpha_pattern (as in PEFT); drop the patterns or use_rslora")
@@ -41,7 +44,7 @@ def check_convertible(config, init_dir: str) -> Optional[str]:
                 "magnitude is not a difference of LoRA factors; save it without the conversion")
     from ..checkpoint import ADAPTER_WEIGHTS_NAME
 
-    if not os.path.isfile(os.path.join(init_dir, ADAPTER_WEIGHTS_NAME)):
+    if init_dir is not None and not os.path.isfile(os.path.join(init_dir, ADAPTER_WEIGHTS_NAME)):
         return (f"path_initial_model_for_weight_conversion={init_dir!r} holds no {ADAPTER_WEIGHTS_NAME}; save the "
                 "adapter there right after get_peft_model, before training")
     return None
@@ -87,3 +90,22 @@ def mark_initial_config(config, init_dir: str) -> None:
     initial.init_lora_weights = True
     initial.inference_mode = True
     initial.save_pretrained(init_dir)
+
+
+def initial_state(peft_model, adapter: str) -> dict[str, torch.Tensor]:
+    """Collective over each TP group: the adapter's factors as initialized, full, PEFT keys (this stage's).
+
+    Base-weight inits keep them on each layer (``initial_factors``); the HF
+    export converts with them, since it has no initial adapter directory.
+    """
+    from ..adapter_entries import PREFIX
+    from ..sharding import gather_full
+
+    state = {}
+    for _, layer in peft_model.base_model.lora_layers():
+        start = layer.__dict__.get("initial_factors", {}).get(adapter)
+        for entry in layer.tensors(adapter) if start is not None else ():
+            if entry.role in start:
+                full = gather_full(start[entry.role], entry.spec, entry.group)
+                state[f"{PREFIX}{entry.global_name}.{entry.saved_key}"] = full.to("cpu", copy=True)
+    return state

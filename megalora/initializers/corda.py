@@ -283,7 +283,8 @@ def corda_init(layer, adapter: str) -> None:
     state = getattr(base, "_corda", None)
     if state is None:
         raise ValueError(f"{layer.global_name}: `eigens` not found; run megalora.preprocess_corda(model, config, "
-                         "run_model=...) with this config before get_peft_model")
+                         "run_model=...) with this config before get_peft_model (to load a trained CorDA adapter "
+                         "onto its residual base, save/load it with init_lora_weights=True, as PEFT does)")
     r, scaling = layer.r[adapter], layer.scaling[adapter]
     in_full, out_full = layer._full_features()
     owner = state.owner if group_size(layer.tp_group) > 1 else 0

@@ -166,12 +166,25 @@ def _factor_specs(layer: nn.Module, adapter: str) -> tuple[ShardSpec, ShardSpec]
     return specs["A"], specs["B"]
 
 
-def _pieces(layer, adapter, out: Decomposition, tp: tuple[int, ...], rank: int) -> list[torch.Tensor]:
+def _pieces(layer, adapter, out: Decomposition, tp: tuple[int, ...], rank: int,
+            rewrites_base: bool) -> list[torch.Tensor]:
+    """Rank ``rank``'s shards of A, B (and of the new base weight when ``rewrites_base``)."""
     a_spec, b_spec = _factor_specs(layer, adapter)
     pieces = [_local(out.a, a_spec, tp, rank), _local(out.b, b_spec, tp, rank)]
-    if out.base is not None:
+    if rewrites_base:
         pieces.append(_local(out.base, base_weight_spec(layer), tp, rank))
     return [p.float().contiguous() for p in pieces]
+
+
+def _holder_pieces(layer, adapter, out: Decomposition, holders: dict, rewrites_base: bool) -> dict:
+    """Each holder's shards; holders at the same TP position (DP replicas) share one set."""
+    by_position, result = {}, {}
+    for r, tp in holders.items():
+        position = (tp.index(r), len(tp))
+        if position not in by_position:
+            by_position[position] = _pieces(layer, adapter, out, tp, r, rewrites_base)
+        result[r] = by_position[position]
+    return result
 
 
 def _run_round(batch: list[_Job], layers: dict[str, tuple[nn.Module, str]], decompose: Decompose,
@@ -193,41 +206,65 @@ def _run_round(batch: list[_Job], layers: dict[str, tuple[nn.Module, str]], deco
     for req in requests:
         req.wait()
     # Phase 2: every owner decomposes its one full weight (the owners at the same time).
-    results = {}
+    results, failure = {}, None
     for job in batch:
         if job.owner == me:
             layer, adapter = layers[job.key]
             full = base_weight_spec(layer).full_from_shards(received.pop(job.key))
-            out = decompose(layer, adapter, full)
+            try:
+                out = decompose(layer, adapter, full)
+                results[job.key] = _holder_pieces(layer, adapter, out, job.holders, rewrites_base)
+            except Exception as exc:  # noqa: BLE001 - the holders are told below instead of left waiting
+                failure, results[job.key] = exc, None
             del full
-            results[job.key] = {r: _pieces(layer, adapter, out, tp, r) for r, tp in job.holders.items()}
-            del out
     # Phase 3: each holder's shards from each owner.
     requests, mine = [], {}
     for job in batch:
         layer, adapter = layers[job.key]
         if job.owner == me:
-            for r, pieces in results[job.key].items():
+            for r in job.holders:
+                pieces = results[job.key][r] if results[job.key] is not None else None
                 if r == me:
                     mine[job.key] = pieces
-                else:
-                    requests.append(dist.isend(torch.cat([p.reshape(-1) for p in pieces]), dst=r, tag=_TAG_SCATTER))
+                    continue
+                # The last element says whether the decomposition worked (1) or failed (0).
+                flat = (torch.cat([p.reshape(-1) for p in pieces] + [torch.ones(1)]) if pieces is not None
+                        else torch.zeros(_message_size(layer, adapter, rewrites_base)))
+                requests.append(dist.isend(flat, dst=r, tag=_TAG_SCATTER))
         elif me in job.holders:
-            shapes = [layer.lora_A[adapter].weight.shape, layer.lora_B[adapter].weight.shape]
-            if rewrites_base:
-                shapes.append(layer.base_weight_oi().shape)
-            flat = torch.empty(sum(int(torch.Size(s).numel()) for s in shapes))
+            flat = torch.empty(_message_size(layer, adapter, rewrites_base))
             requests.append(dist.irecv(flat, src=job.owner, tag=_TAG_SCATTER))
-            mine[job.key] = (flat, shapes)
+            mine[job.key] = flat
     for req in requests:
         req.wait()
+    failed = [key for key, got in mine.items() if got is None or (torch.is_tensor(got) and got[-1].item() != 1)]
+    if failure is not None:
+        raise failure
+    if failed:
+        owners = {job.key: job.owner for job in batch}
+        raise RuntimeError(f"the initialization of {failed[0]} failed on its owner, global rank "
+                           f"{owners[failed[0]]} (that rank's error says why)")
     for key, got in mine.items():
         layer, adapter = layers[key]
-        if isinstance(got, tuple):
-            flat, shapes = got
-            got = [part.view(shape) for part, shape in zip(flat.split([torch.Size(s).numel() for s in shapes]),
-                                                          shapes)]
+        if torch.is_tensor(got):
+            shapes = _shapes(layer, adapter, rewrites_base)
+            got = [part.view(shape) for part, shape in zip(got[:-1].split([s.numel() for s in shapes]), shapes)]
         _write(layer, adapter, got[0], got[1], got[2] if rewrites_base else None)
+
+
+def _shapes(layer, adapter: str, rewrites_base: bool) -> list[torch.Size]:
+    """This rank's shapes of A, B (and the base weight), as its own parameters have them."""
+    shapes = [layer.lora_A[adapter].weight.shape, layer.lora_B[adapter].weight.shape]
+    return shapes + [layer.base_weight_oi().shape] if rewrites_base else shapes
+
+
+def _message_size(layer, adapter: str, rewrites_base: bool) -> int:
+    """Elements of one holder's scatter message: its shards, plus the status element.
+
+    Every TP rank's shards have the same shape, so the owner's own shapes give
+    the size of any holder's message.
+    """
+    return sum(s.numel() for s in _shapes(layer, adapter, rewrites_base)) + 1
 
 
 def init_from_full_weights(jobs: Sequence[tuple[nn.Module, str]], decompose: Decompose,

@@ -278,6 +278,7 @@ class LoraLayer(LoraWeights, BaseLayerFace):
                 del container[adapter_name]
         for attr in ("r", "lora_alpha", "scaling", "use_dora", "lora_bias", "lora_variant"):
             getattr(self, attr).pop(adapter_name, None)
+        self.__dict__.get("initial_factors", {}).pop(adapter_name, None)  # set by base-weight inits
         if adapter_name in self._active_adapter:
             remaining = [a for a in self._active_adapter if a != adapter_name]
             if not remaining and self.lora_A:

@@ -136,3 +136,17 @@ def test_merge_unmerge_unload_keep_the_residual():
     original = O.base_model(kind).state_dict()
     for key, value in merged.state_dict().items():
         O.assert_close(value, original[key], f"merge_and_unload at init gives the original {key}", atol=ATOL)
+
+
+def test_add_weighted_adapter_does_not_rewrite_the_base_again():
+    """A combination of a PiSSA adapter is built on the current W_res (PEFT would re-run PiSSA on it)."""
+    import megalora
+
+    kind, kw = "net", dict(r=2, lora_alpha=4, target_modules=O.LINEAR_TARGETS, init_lora_weights="pissa")
+    model = megalora.get_peft_model(O.base_model(kind), megalora.LoraConfig(**kw))
+    residual = O.base_state(model)
+    x = O.make_input(kind)
+    model.add_weighted_adapter(["default"], [1.0], "same", combination_type="cat")
+    O.assert_states_close(O.base_state(model), residual, "base after add_weighted_adapter", atol=0)
+    model.base_model.set_adapter("same")
+    O.assert_close(O.run(model, x), O.run(O.base_model(kind), x), "the combined adapter on W_res", atol=ATOL)
