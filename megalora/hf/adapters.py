@@ -202,7 +202,7 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
     problem = None
     if config.modules_to_save:
         problem = "exporting modules_to_save to HF PEFT is not supported; train an adapter without modules_to_save"
-    convert = reads_base_weight(config.init_lora_weights)
+    convert = reads_base_weight(config.init_lora_weights) or config.init_lora_weights == "corda"
     if config.init_lora_weights == "loftq":
         problem = ("an adapter initialized with LoftQ applies to the quantized base, which HF PEFT does not "
                    "rebuild; export the merged model instead (megalora export)")
@@ -210,7 +210,7 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
         problem = check_convertible(config, None)
     agree_or_raise(problem)
     state, error = gather_stages(adapter_state_dict(peft_model, adapter_name))
-    # PiSSA/OLoRA trained on W_res: exported as PEFT's converted adapter (rank 2r) for the original base.
+    # PiSSA/OLoRA/CorDA trained on W_res: exported as PEFT's converted adapter (rank 2r) for the original base.
     initial = gather_stages(initial_state(peft_model, adapter_name))[0] if convert else None
     ranks = {}
     for part in all_gather_objects(_local_ranks(peft_model, adapter_name)):

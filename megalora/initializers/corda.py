@@ -317,6 +317,8 @@ def corda_init(layer, adapter: str) -> None:
     # In place, and copy-on-write for a base weight that layer_replication shares.
     rewrite_base_shard(layer, layer.base_weight_oi().float() - lora_math.delta_weight(a_local.float(),
                                                                                      b_local.float(), scaling))
+    # Kept (adapter-sized, never saved) for the HF export, which converts to the original base.
+    layer.__dict__.setdefault("initial_factors", {})[adapter] = {"A": a_local.clone(), "B": b_local.clone()}
     for attr in ("eigens", "_corda"):
         if hasattr(base, attr):
             delattr(base, attr)
