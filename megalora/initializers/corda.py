@@ -10,13 +10,15 @@ Two steps, as in PEFT:
    row-parallel layer's input shards (or a sequence-parallel layer's
    sequence shards) are gathered onto it, so the covariance and PEFT's
    per-call ``|max|`` are those of the *full* input. Data-parallel replicas add
-   their sums and counts. The owner then gathers the full weight (one at a
-   time), damps and inverts the covariance, and keeps the top (``ipm``) or
-   bottom (``kpm``) ``r`` singular triplets of ``W @ C``.
+   their sums and counts onto one of them, also dealt round-robin, so the
+   decompositions are spread over the TP and DP ranks. That owner gathers the
+   full weight (one at a time), damps and inverts the covariance, and keeps the
+   top (``ipm``) or bottom (``kpm``) ``r`` singular triplets of ``W @ C``.
 2. ``get_peft_model`` with ``init_lora_weights="corda"`` calls
    :func:`corda_init` on each layer: the owner builds the full
    ``A = sqrt(S/scaling)·Vᵀ`` and ``B = U·sqrt(S/scaling)``, broadcasts them
-   over the TP group, and every rank rewrites its own base shard
+   to the other replicas and over the TP group (adapter-sized messages), and
+   every rank rewrites its own base shard
    ``W_k ← W_k − scaling·B_k @ A_k``. That is the owner's ``W − scaling·B@A``
    sliced, since an entry of ``B@A`` depends only on its row of ``B`` and
    column of ``A``; so no weight shard travels.
@@ -37,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import lora_math
-from ..collectives import agree_or_raise, all_reduce_sum, group_rank, group_size
+from ..collectives import agree_or_raise, all_reduce_sum, broadcast_object, group_rank, group_size
 from ..parallel_groups import process_groups
 from ..sharding import gather_full
 from ..layers.tensors import model_tensor_spec
@@ -61,9 +63,11 @@ class CordaEigens:
 class _CordaState:
     """What one target layer carries between the hooks and ``get_peft_model``."""
 
-    owner: int
+    owner: int  # the TP rank that builds the covariance (in every replica)
     rank: int
-    group: Any
+    group: Any  # the layer's TP group
+    dp: Any = None  # its data-parallel group
+    dp_owner: int = 0  # the replica whose owner decomposes and sends the factors
     covariance: Any = 0
     sample_count: int = 0
 
@@ -138,10 +142,14 @@ def preprocess_corda(model, lora_config, run_model: Optional[Callable[[], None]]
         raise ValueError(f"corda_config.corda_method={settings['corda_method']!r} is invalid; use 'ipm' or 'kpm'")
     problem = next((p for t in targets if (p := check_supported(t.global_name, t.module, "corda"))), None)
     agree_or_raise(problem)
+    pgs = process_groups() if _world() > 1 else None
+    dp = pgs.dp_cp if pgs is not None else None
     for i, t in enumerate(targets):
         group = _weight_group(t.module)
-        # Round-robin over the TP ranks, so that each rank builds and decomposes its share.
-        t.module._corda = _CordaState(owner=i % group_size(group), rank=t.r, group=group)
+        # Round-robin over the TP and DP ranks: each builds and decomposes its share.
+        j = i % (group_size(group) * group_size(dp))
+        t.module._corda = _CordaState(owner=j % group_size(group), rank=t.r, group=group, dp=dp,
+                                      dp_owner=j // group_size(group))
     _calibrate(model, targets, settings, run_model)
     _collect_eigens(targets, settings)
     if cache is not None:  # world size 1 here: this process owns every layer
@@ -179,26 +187,28 @@ def _calibrate(model, targets, settings, run_model) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    pgs = process_groups() if _world() > 1 else None
-    dp = pgs.dp_cp if pgs is not None else None
     problem = None
     for t in targets:
         state = t.module._corda
         if group_rank(state.group) != state.owner:
             continue
+        dp = state.dp
         if group_size(dp) > 1:
-            # The owners of a layer in every replica sit at the same TP rank of the same stage.
+            # The owners of a layer in every replica sit at the same TP rank of the same stage;
+            # the sums go to the one that decomposes.
             count = torch.tensor([float(state.sample_count)], dtype=torch.float64)
             all_reduce_sum(count, dp)
             if not torch.is_tensor(state.covariance):  # this replica never ran the layer
                 n = getattr(t.module, "input_size", None) or getattr(t.module, "in_features")
                 state.covariance = torch.zeros(n, n)
-            all_reduce_sum(state.covariance, dp)
+            dist.reduce(state.covariance, dist.get_global_rank(dp, state.dp_owner), group=dp)
             state.sample_count = int(count.item())
+            if group_rank(dp) != state.dp_owner:
+                state.covariance = None
         if state.sample_count == 0:
             problem = problem or f"CorDA: run_model never ran {t.global_name}; check the calibration forwards"
-            continue
-        state.covariance /= state.sample_count  # PEFT's mean over forward calls
+        elif state.covariance is not None:
+            state.covariance /= state.sample_count  # PEFT's mean over forward calls
     agree_or_raise(problem)
     if cov_file is not None:  # world size 1 here
         os.makedirs(os.path.dirname(cov_file) or ".", exist_ok=True)
@@ -242,6 +252,8 @@ def _collect_eigens(targets, settings) -> None:
     """On each layer's owner: PEFT's ``collect_eigens_for_layer`` and crop; fields pruned as PEFT does."""
     for t in targets:
         state = t.module._corda
+        if group_rank(state.dp) != state.dp_owner:
+            continue  # another replica's TP group decomposes this layer
         w = _full_weight_oi(t.module, t.global_name, state.owner, state.group)
         if w is not None:
             t.module.eigens = _crop(eigens_for(w.float(), state.covariance.float()), state.rank,
@@ -291,7 +303,8 @@ def corda_init(layer, adapter: str) -> None:
     a = torch.empty(r, in_full)
     b = torch.empty(out_full, r)
     problem = None
-    if group_rank(layer.tp_group) == owner:
+    tp_owner = group_rank(layer.tp_group) == owner
+    if tp_owner and group_rank(state.dp) == state.dp_owner:
         eig = base.eigens
         u, s, v = eig.U_WC, eig.S_WC.clone(), eig.V_WC
         if u.shape != (out_full, r) or s.shape != (r,) or v.shape != (in_full, r):
@@ -303,6 +316,13 @@ def corda_init(layer, adapter: str) -> None:
             s /= scaling
             a = v.t().mul(s.sqrt().view(-1, 1)).contiguous().float()
             b = u.mul(s.sqrt()).contiguous().float()
+    if tp_owner and group_size(state.dp) > 1:
+        # The decomposing replica's owner to the owners of the other replicas, then each over its TP group.
+        problem = broadcast_object(problem, src=state.dp_owner, group=state.dp)
+        if problem is None:
+            root = dist.get_global_rank(state.dp, state.dp_owner)
+            dist.broadcast(a, root, group=state.dp)
+            dist.broadcast(b, root, group=state.dp)
     if group_size(layer.tp_group) > 1:
         agree_or_raise(problem, layer.tp_group)
         root = dist.get_global_rank(layer.tp_group, owner)
