@@ -135,8 +135,9 @@ def preprocess_corda(model, lora_config, run_model: Optional[Callable[[], None]]
     if cache is not None and os.path.exists(cache) and os.path.getsize(cache) > 0:
         stored = torch.load(cache)
         for t in targets:
-            t.module._corda = _CordaState(owner=0, rank=t.r, group=None)
-            t.module.eigens = CordaEigens(*(stored[f"{t.global_name}.eigens.{k}"] for k in ("S_WC", "U_WC", "V_WC")))
+            _base(t.module)._corda = _CordaState(owner=0, rank=t.r, group=None)
+            _base(t.module).eigens = CordaEigens(*(stored[f"{t.global_name}.eigens.{k}"]
+                                                   for k in ("S_WC", "U_WC", "V_WC")))
         return
     if settings["corda_method"] not in ("ipm", "kpm"):
         raise ValueError(f"corda_config.corda_method={settings['corda_method']!r} is invalid; use 'ipm' or 'kpm'")
@@ -145,17 +146,24 @@ def preprocess_corda(model, lora_config, run_model: Optional[Callable[[], None]]
     pgs = process_groups() if _world() > 1 else None
     dp = pgs.dp_cp if pgs is not None else None
     for i, t in enumerate(targets):
-        group = _weight_group(t.module)
+        group = _weight_group(_base(t.module))
         # Round-robin over the TP and DP ranks: each builds and decomposes its share.
         j = i % (group_size(group) * group_size(dp))
-        t.module._corda = _CordaState(owner=j % group_size(group), rank=t.r, group=group, dp=dp,
+        _base(t.module)._corda = _CordaState(owner=j % group_size(group), rank=t.r, group=group, dp=dp,
                                       dp_owner=j // group_size(group))
     _calibrate(model, targets, settings, run_model)
     _collect_eigens(targets, settings)
     if cache is not None:  # world size 1 here: this process owns every layer
         os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-        torch.save({f"{t.global_name}.eigens.{k}": getattr(t.module.eigens, k)
+        torch.save({f"{t.global_name}.eigens.{k}": getattr(_base(t.module).eigens, k)
                     for t in targets for k in ("S_WC", "U_WC", "V_WC")}, cache)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The layer that carries CorDA's state: the base of a LoRA layer (hooks stay on the LoRA layer,
+    whose forward may run the base matmul itself), else the module."""
+    get = getattr(module, "get_base_layer", None)
+    return get() if callable(get) else module
 
 
 def _weight_group(module: nn.Module):
@@ -176,7 +184,7 @@ def _calibrate(model, targets, settings, run_model) -> None:
     if cov_file is not None and os.path.exists(cov_file) and os.path.getsize(cov_file) > 0:
         stored = torch.load(cov_file)
         for t in targets:
-            t.module._corda.covariance = stored[t.global_name]
+            _base(t.module)._corda.covariance = stored[t.global_name]
         return
     if run_model is None:
         raise ValueError("run_model must be specified when covariance file and cache file aren't built.")
@@ -189,7 +197,7 @@ def _calibrate(model, targets, settings, run_model) -> None:
             handle.remove()
     problem = None
     for t in targets:
-        state = t.module._corda
+        state = _base(t.module)._corda
         if group_rank(state.group) != state.owner:
             continue
         dp = state.dp
@@ -199,7 +207,7 @@ def _calibrate(model, targets, settings, run_model) -> None:
             count = torch.tensor([float(state.sample_count)], dtype=torch.float64)
             all_reduce_sum(count, dp)
             if not torch.is_tensor(state.covariance):  # this replica never ran the layer
-                n = getattr(t.module, "input_size", None) or getattr(t.module, "in_features")
+                n = getattr(_base(t.module), "input_size", None) or getattr(_base(t.module), "in_features")
                 state.covariance = torch.zeros(n, n)
             dist.reduce(state.covariance, dist.get_global_rank(dp, state.dp_owner), group=dp)
             state.sample_count = int(count.item())
@@ -212,12 +220,12 @@ def _calibrate(model, targets, settings, run_model) -> None:
     agree_or_raise(problem)
     if cov_file is not None:  # world size 1 here
         os.makedirs(os.path.dirname(cov_file) or ".", exist_ok=True)
-        torch.save({t.global_name: t.module._corda.covariance for t in targets}, cov_file)
+        torch.save({t.global_name: _base(t.module)._corda.covariance for t in targets}, cov_file)
 
 
 def _covariance_hook(settings):
     def hook(module, inputs, output):
-        state = module._corda
+        state = _base(module)._corda
         x = full_input(module, inputs[0], dst=state.owner)
         if x is None:
             return
@@ -251,12 +259,12 @@ def _full_weight_oi(module: nn.Module, global_name: str, owner: int, group) -> O
 def _collect_eigens(targets, settings) -> None:
     """On each layer's owner: PEFT's ``collect_eigens_for_layer`` and crop; fields pruned as PEFT does."""
     for t in targets:
-        state = t.module._corda
+        state = _base(t.module)._corda
         if group_rank(state.dp) != state.dp_owner:
             continue  # another replica's TP group decomposes this layer
-        w = _full_weight_oi(t.module, t.global_name, state.owner, state.group)
+        w = _full_weight_oi(_base(t.module), t.global_name, state.owner, state.group)
         if w is not None:
-            t.module.eigens = _crop(eigens_for(w.float(), state.covariance.float()), state.rank,
+            _base(t.module).eigens = _crop(eigens_for(w.float(), state.covariance.float()), state.rank,
                                     settings["corda_method"])
         del w
         state.covariance = None

@@ -88,10 +88,9 @@ def _merged(parts) -> dict:
 
 
 def _rank_distribution(hooks, layer_hook_map, equal_inputs_map, rank_budget, max_components) -> dict:
-    """PEFT's ``_get_rank_distribution`` over every layer of the model (all stages)."""
+    """PEFT's ``_get_rank_distribution`` over every layer of the model (``layer_hook_map``: all stages')."""
     exp_vars = _merged(all_gather_objects({k: h.svd.explained_variance_ratio_[: max_components[k]]
                                            for k, h in hooks.items()}))
-    layer_hook_map = _merged(all_gather_objects(layer_hook_map))
     keys, values = zip(*[(k, c) for k, name in layer_hook_map.items() for c in exp_vars[name]])
     idx = torch.stack(values).argsort(descending=True)
     counts = Counter([keys[i] for i in idx[:rank_budget]])
@@ -191,6 +190,7 @@ def _compute(model, dataloader, config, settings, targets, forward_fn, prepare_m
         svd = SVDHook(name, hook.prepare_fn, gather, max_components[name], settings["tau"])
         hooks[name] = (svd, modules[name].register_forward_hook(svd))
     layer_hook_map = {**dict(zip(hooks, hooks)), **equal_inputs_map}
+    model_hook_map = _merged(all_gather_objects(layer_hook_map))  # every stage's layers, in stage order
     convergence = {k: False for k in hooks}
     rank_dist = max_components.copy()
     for inputs in cycle(dataloader):
@@ -215,7 +215,7 @@ def _compute(model, dataloader, config, settings, targets, forward_fn, prepare_m
         forward_fn(model, inputs)
         if not _world_all(all(hasattr(h[0].svd, "components_") for h in hooks.values())):
             continue
-        rank_dist = _rank_distribution({k: h[0] for k, h in hooks.items()}, layer_hook_map, equal_inputs_map,
+        rank_dist = _rank_distribution({k: h[0] for k, h in hooks.items()}, model_hook_map, equal_inputs_map,
                                        rank_budget, max_components)
     for hook, handle in hooks.values():
         if handle is not None:
