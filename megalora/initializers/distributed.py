@@ -88,6 +88,12 @@ def _tp_global_ranks(layer: nn.Module) -> tuple[int, ...]:
     return tuple(dist.get_process_group_ranks(group))
 
 
+def _cost(layer: nn.Module) -> int:
+    """A decomposition's cost, to balance rounds: ``m·n·min(m, n)``, an SVD's or QR's flops up to a constant."""
+    rows, cols = layer.out_features, layer.in_features
+    return rows * cols * min(rows, cols)
+
+
 @dataclass
 class _Job:
     key: str
@@ -99,18 +105,20 @@ class _Job:
 def plan_owners(jobs: Sequence[tuple[nn.Module, str]]) -> list[list[_Job]]:
     """Collective over the world: the rounds this rank takes part in, in the order every rank uses.
 
-    Jobs are grouped by holder set; within one, the ``j``-th job (in the order
-    of the set's first rank) goes to ``holders[j % len(holders)]``, and each
-    round has at most one job per owner.
+    Jobs are grouped by holder set; within one, they are sorted by cost
+    (largest first, then model order) and the ``j``-th goes to
+    ``holders[j % len(holders)]``, so each round has at most one job per owner
+    and its jobs are of about the same size (a round lasts as long as its
+    largest decomposition).
     """
-    mine = [(job_key(layer, adapter), _tp_global_ranks(layer)) for layer, adapter in jobs]
+    mine = [(job_key(layer, adapter), _tp_global_ranks(layer), _cost(layer)) for layer, adapter in jobs]
     reports = all_gather_objects(mine)
     holders: dict[str, dict[int, tuple[int, ...]]] = defaultdict(dict)
-    order: dict[str, tuple[int, int]] = {}
+    order: dict[str, tuple[int, int, int]] = {}
     for rank, report in enumerate(reports):
-        for i, (key, tp) in enumerate(report):
+        for i, (key, tp, cost) in enumerate(report):
             holders[key][rank] = tuple(tp)
-            order.setdefault(key, (rank, i))
+            order.setdefault(key, (-cost, rank, i))
     by_set: dict[tuple[int, ...], list[str]] = defaultdict(list)
     for key in sorted(holders, key=lambda k: order[k]):
         by_set[tuple(sorted(holders[key]))].append(key)
