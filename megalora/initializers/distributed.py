@@ -7,15 +7,17 @@ under tensor parallelism each rank holds a shard. The pattern, for every
 1. **Plan** (one world ``all_gather_object``): every rank lists the jobs it
    holds and the global ranks of each job's TP group. The ranks that hold a
    job (its TP ranks in every data-parallel replica) form its *holder set*;
-   the jobs of one holder set are dealt round-robin to its ranks, so each
-   rank owns every ``len(holders)``-th job.
+   the jobs of one holder set, sorted by size, are dealt round-robin to its
+   ranks, so each rank owns every ``len(holders)``-th job.
 2. **Rounds** of ``len(holders)`` jobs, one per owner. In a round, each TP
    rank sends its weight shard to the job's owner (point-to-point, posted all
    at once); every owner rebuilds its one full weight and runs the
    decomposition *at the same time as the others*; then each owner sends
    every holder that holder's shards of A, B and the new base weight.
-   So no rank holds more than one full weight, and the decompositions of a
-   model run in parallel over the TP and DP ranks.
+   So no rank holds more than one layer's full weight at a time (with its
+   decomposition's outputs, and the received shards while it is assembled),
+   and the decompositions of a model run in parallel over the TP and DP ranks.
+   Holders that are DP replicas of one TP position share one set of shards.
 3. **Write**: each rank copies the received shards into its factors and
    rewrites its base-weight shard in place (:func:`rewrite_base_shard`).
 
