@@ -6,7 +6,8 @@ Every linear type of SmolLM2 is targeted: megatron-core's ``linear_qkv``
 The SVDs of a fused matrix cost what its parts' SVDs cost (``m·n²`` with
 ``n`` = 576 the hidden size), so both sides do about the same arithmetic.
 
-What is timed is ``get_peft_model`` alone (the model is built or loaded
+What is timed is ``get_peft_model`` alone (wall time, and each rank's CPU
+time, which other load on the machine disturbs less) (the model is built or loaded
 before, untimed), between two barriers, for each of ``--methods``:
 
 * megalora: ``--tps`` layouts, each in its own spawned gloo ranks. At TP=t
@@ -76,23 +77,26 @@ def megalora_worker(rank: int, args, tp: int, out_path: str) -> None:
 
     import megalora
     import megalora.hf as H
+    from megalora.collectives import all_gather_objects
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     megalora.init_parallel(tensor_model_parallel_size=tp, seed=1234)
-    times = {}
+    times, cpu = {}, {}
     for method in args.methods:
         model = H.build_gpt_from_hf(None)
         config = megalora.LoraConfig(target_modules=MCORE_TARGETS, **lora_kwargs(method, args.r))
         dist.barrier()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         megalora.get_peft_model(model, config)
+        spent = time.process_time() - start_cpu
         dist.barrier()
         times[method] = time.perf_counter() - start
+        cpu[method] = all_gather_objects(spent)  # every rank's CPU seconds: how the work was spread
         del model
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"times": times, "threads": torch.get_num_threads()}, f)
+            json.dump({"times": times, "cpu": cpu, "threads": torch.get_num_threads()}, f)
 
 
 def run_megalora(args, tp: int) -> dict:
@@ -117,17 +121,18 @@ def run_peft(args) -> dict:
     import megalora.hf as H
 
     hf = H.load_hf_model(None)
-    times = {}
+    times, cpu = {}, {}
     for method in args.methods:
         if method == "loftq":
             continue  # PEFT's LoftQ needs bitsandbytes on CUDA/XPU
         model = copy.deepcopy(hf)
         config = peft.LoraConfig(target_modules=HF_TARGETS, **lora_kwargs(method, args.r))
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         peft.get_peft_model(model, config)
         times[method] = time.perf_counter() - start
+        cpu[method] = [time.process_time() - start_cpu]
         del model
-    return {"times": times, "threads": torch.get_num_threads()}
+    return {"times": times, "cpu": cpu, "threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> None:
@@ -137,10 +142,17 @@ def main(argv=None) -> None:
         results["peft (1 process)"] = run_peft(args)
     print(f"init time of get_peft_model on SmolLM2-135M, r={args.r}, all linear types "
           f"(load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores)")
-    print(f"{'method':<16}" + "".join(f"{name + ' [' + str(r['threads']) + 't]':>26}" for name, r in results.items()))
+    print("wall seconds (CPU seconds of the busiest rank / all ranks); [threads per rank]")
+    print(f"{'method':<16}" + "".join(f"{name + ' [' + str(r['threads']) + 't]':>34}" for name, r in results.items()))
     for method in args.methods:
-        row = "".join(f"{r['times'].get(method, float('nan')):>25.2f}s" for r in results.values())
-        print(f"{method:<16}{row}")
+        cells = []
+        for r in results.values():
+            if method not in r["times"]:
+                cells.append(f"{'-':>34}")
+                continue
+            ranks = r["cpu"][method]
+            cells.append(f"{r['times'][method]:>10.1f}s ({max(ranks):6.1f} / {sum(ranks):6.1f} cpu)")
+        print(f"{method:<16}" + "".join(f"{c:>34}" for c in cells))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -280,16 +280,20 @@ class LoraModel(nn.Module):
 def _tie_problem(model: nn.Module, targets: list, config: LoraConfig) -> Optional[str]:
     """Why ``config`` cannot be applied to a layer tied to the embeddings (``None`` if it can).
 
-    DoRA needs the layer's own weight, which a tied output layer lacks at PP=1;
-    refused at every layout, so that a config means the same at each.
+    DoRA and the base-rewriting inits (PiSSA, OLoRA, LoftQ) need the layer's own
+    weight, which a tied output layer lacks at PP=1; refused at every layout, so
+    that a config means the same at each.
     """
-    if not config.use_dora:
+    rewrites = reads_base_weight(config.init_lora_weights)
+    if not (config.use_dora or rewrites):
         return None
+    what, fix = ((f"init_lora_weights={config.init_lora_weights!r}", "use init_lora_weights=True") if rewrites
+                 else ("use_dora=True", "set use_dora=False"))
     for target in targets:
         parent_name, _, leaf = target.local_name.rpartition(".")
         if is_tied_output(model.get_submodule(parent_name) if parent_name else model, leaf):
-            return (f"use_dora=True cannot adapt {target.global_name}: it is tied to the word embeddings "
-                    "(share_embeddings_and_output_weights) and has no weight of its own; set use_dora=False or "
+            return (f"{what} cannot adapt {target.global_name}: it is tied to the word embeddings "
+                    f"(share_embeddings_and_output_weights) and has no weight of its own; {fix} or "
                     f"remove {leaf!r} from target_modules")
     return None
 

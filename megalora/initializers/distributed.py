@@ -7,15 +7,17 @@ under tensor parallelism each rank holds a shard. The pattern, for every
 1. **Plan** (one world ``all_gather_object``): every rank lists the jobs it
    holds and the global ranks of each job's TP group. The ranks that hold a
    job (its TP ranks in every data-parallel replica) form its *holder set*;
-   the jobs of one holder set are dealt round-robin to its ranks, so each
-   rank owns every ``len(holders)``-th job.
+   the jobs of one holder set, sorted by size, are dealt round-robin to its
+   ranks, so each rank owns every ``len(holders)``-th job.
 2. **Rounds** of ``len(holders)`` jobs, one per owner. In a round, each TP
    rank sends its weight shard to the job's owner (point-to-point, posted all
    at once); every owner rebuilds its one full weight and runs the
    decomposition *at the same time as the others*; then each owner sends
    every holder that holder's shards of A, B and the new base weight.
-   So no rank holds more than one full weight, and the decompositions of a
-   model run in parallel over the TP and DP ranks.
+   So no rank holds more than one layer's full weight at a time (with its
+   decomposition's outputs, and the received shards while it is assembled),
+   and the decompositions of a model run in parallel over the TP and DP ranks.
+   Holders that are DP replicas of one TP position share one set of shards.
 3. **Write**: each rank copies the received shards into its factors and
    rewrites its base-weight shard in place (:func:`rewrite_base_shard`).
 
@@ -88,6 +90,12 @@ def _tp_global_ranks(layer: nn.Module) -> tuple[int, ...]:
     return tuple(dist.get_process_group_ranks(group))
 
 
+def _cost(layer: nn.Module) -> int:
+    """A decomposition's cost, to balance rounds: ``m·n·min(m, n)``, an SVD's or QR's flops up to a constant."""
+    rows, cols = layer.out_features, layer.in_features
+    return rows * cols * min(rows, cols)
+
+
 @dataclass
 class _Job:
     key: str
@@ -99,18 +107,20 @@ class _Job:
 def plan_owners(jobs: Sequence[tuple[nn.Module, str]]) -> list[list[_Job]]:
     """Collective over the world: the rounds this rank takes part in, in the order every rank uses.
 
-    Jobs are grouped by holder set; within one, the ``j``-th job (in the order
-    of the set's first rank) goes to ``holders[j % len(holders)]``, and each
-    round has at most one job per owner.
+    Jobs are grouped by holder set; within one, they are sorted by cost
+    (largest first, then model order) and the ``j``-th goes to
+    ``holders[j % len(holders)]``, so each round has at most one job per owner
+    and its jobs are of about the same size (a round lasts as long as its
+    largest decomposition).
     """
-    mine = [(job_key(layer, adapter), _tp_global_ranks(layer)) for layer, adapter in jobs]
+    mine = [(job_key(layer, adapter), _tp_global_ranks(layer), _cost(layer)) for layer, adapter in jobs]
     reports = all_gather_objects(mine)
     holders: dict[str, dict[int, tuple[int, ...]]] = defaultdict(dict)
-    order: dict[str, tuple[int, int]] = {}
+    order: dict[str, tuple[int, int, int]] = {}
     for rank, report in enumerate(reports):
-        for i, (key, tp) in enumerate(report):
+        for i, (key, tp, cost) in enumerate(report):
             holders[key][rank] = tuple(tp)
-            order.setdefault(key, (rank, i))
+            order.setdefault(key, (-cost, rank, i))
     by_set: dict[tuple[int, ...], list[str]] = defaultdict(list)
     for key in sorted(holders, key=lambda k: order[k]):
         by_set[tuple(sorted(holders[key]))].append(key)

@@ -69,9 +69,10 @@ def draw_full_factors(
 
     ``True`` is PEFT's default: A as ``nn.Linear``'s Kaiming-uniform (a=√5, so
     the bound is ``1/sqrt(in)`` on the *full* fan-in) and B zero. ``False``
-    leaves both as ``nn.Linear`` would (a base-weight init draws ``True``'s placeholder), ``"gaussian"`` draws A from
+    leaves both as ``nn.Linear`` would, ``"gaussian"`` draws A from
     ``N(0, 1/r)``, and ``"orthogonal"`` builds A and B from the odd and even rows
-    of a random orthogonal matrix so that ``B @ A`` starts at zero.
+    of a random orthogonal matrix so that ``B @ A`` starts at zero. A base-weight
+    init (PiSSA, OLoRA, LoftQ) draws ``True``'s factors as a placeholder.
     """
     def uniform(shape, fan_in):
         bound = 1.0 / math.sqrt(fan_in)

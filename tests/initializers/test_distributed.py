@@ -11,6 +11,9 @@ pissa_niter_2, olora and loftq checks:
 * the losses of 5 Adam steps equal TP=1's within 1e-4;
 * ``export_merged`` right after init writes the original weights (PiSSA),
   and after training TP=2's merged export equals TP=1's;
+* PEFT's conversion (``path_initial_model_for_weight_conversion``) writes the
+  same rank-2r adapter at every layout, and the original weight plus its
+  ``s·B'@A'`` is the merged export;
 * an adapter saved at TP=2 and loaded at PP=2 with ``from_pretrained``
   (which re-runs the init on the original base, as PEFT does), or as an
   adapter-only dist checkpoint into a fresh PiSSA model, gives the same loss;
