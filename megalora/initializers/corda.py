@@ -204,11 +204,12 @@ def _calibrate(model, targets, settings, run_model) -> None:
         if group_size(dp) > 1:
             # The owners of a layer in every replica sit at the same TP rank of the same stage;
             # the sums go to the one that decomposes.
-            count = torch.tensor([float(state.sample_count)], dtype=torch.float64)
+            device = _base(t.module).weight.device  # NCCL reduces device tensors only
+            count = torch.tensor([float(state.sample_count)], dtype=torch.float64, device=device)
             all_reduce_sum(count, dp)
             if not torch.is_tensor(state.covariance):  # this replica never ran the layer
                 n = getattr(_base(t.module), "input_size", None) or getattr(_base(t.module), "in_features")
-                state.covariance = torch.zeros(n, n)
+                state.covariance = torch.zeros(n, n, device=device)
             dist.reduce(state.covariance, dist.get_global_rank(dp, state.dp_owner), group=dp)
             state.sample_count = int(count.item())
             if group_rank(dp) != state.dp_owner:
@@ -308,8 +309,9 @@ def corda_init(layer, adapter: str) -> None:
     r, scaling = layer.r[adapter], layer.scaling[adapter]
     in_full, out_full = layer._full_features()
     owner = state.owner if group_size(layer.tp_group) > 1 else 0
-    a = torch.empty(r, in_full)
-    b = torch.empty(out_full, r)
+    device = layer.base_weight_oi().device  # NCCL broadcasts device tensors only
+    a = torch.empty(r, in_full, device=device)
+    b = torch.empty(out_full, r, device=device)
     problem = None
     tp_owner = group_rank(layer.tp_group) == owner
     if tp_owner and group_rank(state.dp) == state.dp_owner:
@@ -322,8 +324,8 @@ def corda_init(layer, adapter: str) -> None:
             problem = f"{layer.global_name}: invalid value in the CorDA eigens"
         else:
             s /= scaling
-            a = v.t().mul(s.sqrt().view(-1, 1)).contiguous().float()
-            b = u.mul(s.sqrt()).contiguous().float()
+            a = v.t().mul(s.sqrt().view(-1, 1)).contiguous().float().to(device)
+            b = u.mul(s.sqrt()).contiguous().float().to(device)
     if tp_owner and group_size(state.dp) > 1:
         # The decomposing replica's owner to the owners of the other replicas, then each over its TP group.
         problem = broadcast_object(problem, src=state.dp_owner, group=state.dp)

@@ -86,8 +86,8 @@ def _gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     world = group_size(group)
     if world == 1:
         return x
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]]), group=group)
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)
     sizes = [int(s.item()) for s in sizes]
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
     padded[: x.shape[0]] = x

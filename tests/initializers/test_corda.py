@@ -132,3 +132,13 @@ def test_corda_bad_method_raises():
                               corda_config={"corda_method": "xyz"})
     with pytest.raises(ValueError, match="corda_method"):
         megalora.preprocess_corda(Tiny(), cfg, run_model=lambda: None)
+
+
+def test_corda_rank_mismatch_between_preprocess_and_injection_raises():
+    import megalora
+
+    model = Tiny()
+    kwargs = dict(target_modules=["up"], init_lora_weights="corda")
+    megalora.preprocess_corda(model, megalora.LoraConfig(r=4, **kwargs), run_model=lambda: [model(x) for x in _data()])
+    with pytest.raises(ValueError, match="same config"):
+        megalora.get_peft_model(model, megalora.LoraConfig(r=2, **kwargs))

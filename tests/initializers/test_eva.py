@@ -140,3 +140,13 @@ def test_megatron_input_functions_read_s_b_h_through_the_token_mask():
     assert torch.equal(rows, torch.stack([x[0, 0], x[2, 0], x[1, 1]]))
     assert prepare_model_inputs_fn_megatron((batch["input_ids"], labels), config) is None  # not a dict: all tokens
     assert prepare_layer_inputs_fn_megatron((x,), None, "x").shape == (6, 4)
+
+
+@pytest.mark.parametrize("sub,field", [({"rho": 0.5}, "rho"), ({"tau": 1.5}, "tau"), ({"rhoo": 2}, "rhoo")])
+def test_bad_eva_config_raises_naming_the_field(sub, field):
+    import megalora
+
+    m = megalora.get_peft_model(Branches(), megalora.LoraConfig(r=4, target_modules=["up"], init_lora_weights="eva",
+                                                                eva_config=sub))
+    with pytest.raises(ValueError, match=field):
+        megalora.initialize_lora_eva_weights(m, batches(2))
