@@ -10,8 +10,8 @@ Adam steps through megatron-core's schedule:
   that see all the data.
 * ``tp2``, ``tp2sp``: row-parallel inputs (and under SP, column-parallel
   sequence shards) are gathered before the statistics.
-* ``pp2`` (CorDA): the calibration runs through megatron-core's pipeline
-  schedule, each stage hooking its own layers.
+* ``pp2`` (and for CorDA ``pp2vpp2``): the calibration runs through
+  megatron-core's pipeline schedule, each stage hooking its own layers.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ CALIB = G.pipeline_steps(1, n_micro=4, seed=11)[0]  # four calibration micro-bat
 TRAIN = G.pipeline_steps(5, n_micro=2, seed=12)
 
 
-def _build(full, tp=1, pp=1, sp=False):
+def _build(full, tp=1, pp=1, sp=False, vpp=None):
     import megalora
 
-    megalora.init_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=1234)
-    chunks = G.build_stage(G.gpt_config(tp=tp, pp=pp, sp=sp, num_layers=4, gated=True))
+    megalora.init_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                           virtual_pipeline_model_parallel_size=vpp, seed=1234)
+    chunks = G.build_stage(G.gpt_config(tp=tp, pp=pp, sp=sp, vpp=vpp, num_layers=4, gated=True))
     for chunk in chunks:
         G.load_full_state(chunk, full, gated=True)
     return chunks
@@ -59,18 +60,18 @@ def _losses(chunks, steps) -> list:
     return next(o for o in all_gather_objects(out) if o[0] is not None)
 
 
-def _corda_layout(full, tp, pp, sp, method):
+def _corda_layout(full, tp, pp, sp, method, vpp=None):
     import megalora
     from megalora.parallel_start import destroy_parallel
 
-    chunks = _build(full, tp, pp, sp)
+    chunks = _build(full, tp, pp, sp, vpp)
     base = _losses_forward(chunks)
     config = megalora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda",
                                  rank_pattern={"linear_fc2": 2}, corda_config={"corda_method": method})
     calib = _my_calibration(tp, pp)
-    megalora.preprocess_corda(chunks[0] if len(chunks) == 1 else chunks, config,
-                              run_model=lambda: _forward_only(chunks, calib))
-    peft = megalora.get_peft_model(chunks[0], config)
+    model = chunks[0] if len(chunks) == 1 else chunks
+    megalora.preprocess_corda(model, config, run_model=lambda: _forward_only(chunks, calib))
+    peft = megalora.get_peft_model(model, config)
     init = _losses_forward(chunks)
     trained = _losses(chunks, TRAIN)
     product = _gathered_products(peft)
@@ -104,6 +105,7 @@ def _corda_body():
     for name, tp, pp, sp in (("tp1", 1, 1, False), ("tp2", 2, 1, False), ("tp2sp", 2, 1, True),
                              ("pp2", 1, 2, False)):
         results[name] = _corda_layout(full, tp, pp, sp, "ipm")
+    results["pp2vpp2"] = _corda_layout(full, 1, 2, False, "ipm", vpp=2)
     results["tp1-kpm"] = _corda_layout(full, 1, 1, False, "kpm")
     results["tp2-kpm"] = _corda_layout(full, 2, 1, False, "kpm")
     return results
@@ -133,7 +135,7 @@ def _check_layouts(results: dict, ref: str, others: list, what: str, product_tol
 
 def test_corda_every_layout_equals_tp1(dist2):
     results = dist2(_corda_body, timeout_s=900)[0]
-    _check_layouts(results, "tp1", ["tp2", "tp2sp", "pp2"], "corda ipm", 1e-3)
+    _check_layouts(results, "tp1", ["tp2", "tp2sp", "pp2", "pp2vpp2"], "corda ipm", 1e-3)
     _check_layouts(results, "tp1-kpm", ["tp2-kpm"], "corda kpm", 1e-2)
     # The methods did something: training moved the loss, and ipm and kpm differ.
     assert results["tp1"]["trained"][-1] != results["tp1"]["trained"][0]
