@@ -13,6 +13,7 @@ from .model import LoraModel, PeftModel, get_peft_model
 from .parallel_start import init_distributed, init_parallel
 from .export import export_merged
 from .layers import register_lora_layer
+from .initializers import get_eva_state_dict, initialize_lora_eva_weights, preprocess_corda
 
 
 def sync_lora_grads(model) -> int:
@@ -50,5 +51,8 @@ __all__ = [
     "init_distributed",
     "init_parallel",
     "sync_lora_grads",
+    "preprocess_corda",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
     "__version__",
 ]

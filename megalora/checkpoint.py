@@ -133,11 +133,14 @@ def save_adapters(
     save_directory: str,
     selected_adapters: Optional[Sequence[str]] = None,
     safe_serialization: bool = True,
+    path_initial_model_for_weight_conversion: Optional[str] = None,
 ) -> None:
     """Save adapters in PEFT's layout: ``default`` at the top, others in subfolders.
 
     Collective under ``torch.distributed``: every rank must call it. Only global
     rank 0 writes; an error there (a full disk, say) is raised on every rank.
+    With ``path_initial_model_for_weight_conversion``, each adapter is written
+    as PEFT's converted plain-LoRA adapter (:mod:`megalora.initializers.conversion`).
 
     Raises:
         ValueError: For an unknown adapter, a ``save_directory`` that is a
@@ -152,6 +155,14 @@ def save_adapters(
         raise ValueError("safe_serialization=False: megalora writes only safetensors (no pickle); drop the argument")
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {save_directory!r} is a file; give a directory path")
+    init_dir = path_initial_model_for_weight_conversion
+    if init_dir is not None:
+        from .initializers.conversion import check_convertible
+
+        # The same on every rank (config and a shared directory), so raised before any collective.
+        problem = next(filter(None, (check_convertible(peft_model.peft_config[a], init_dir) for a in adapters)), None)
+        if problem:
+            raise ValueError(problem)
     error = None
     for adapter in adapters:
         state, problem = gather_stages(adapter_state_dict(peft_model, adapter), expert_keys(peft_model, adapter))
@@ -159,11 +170,23 @@ def save_adapters(
         if state is None or error:
             continue
         target = save_directory if adapter == "default" else os.path.join(save_directory, adapter)
+        config = peft_model.peft_config[adapter]
         try:
-            write_adapter(target, peft_model.peft_config[adapter], state)
-        except OSError as exc:  # keep taking part in the other adapters' collectives
+            if init_dir is not None:
+                state, config = _convert(state, config, init_dir)
+            write_adapter(target, config, state)
+        except (OSError, ValueError) as exc:  # keep taking part in the other adapters' collectives
             error = f"saving adapter {adapter!r} to {target!r} failed on rank 0: {exc}"
     agree_or_raise(error)
+
+
+def _convert(state: dict, config: LoraConfig, init_dir: str) -> tuple[dict, LoraConfig]:
+    """PEFT's PiSSA/OLoRA-to-LoRA conversion of one adapter's full tensors, on the writing rank."""
+    from .initializers.conversion import converted_config, converted_state, mark_initial_config
+
+    state = converted_state(state, read_adapter_tensors(init_dir))
+    mark_initial_config(config, init_dir)
+    return state, converted_config(config)
 
 
 # ---------------------------------------------------------------------- loading

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 from .atomic_write import write_text
 from .config_values import (  # noqa: F401  (re-exported: the config's own rules)
     _DROP,
+    _check_loftq,
     MEGATRON_CORE_ALLOWLIST_PREFIX,
     _fail,
     _int_list,
@@ -37,7 +38,7 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 BIAS_OPTIONS = ("none", "all", "lora_only")
 INIT_OPTIONS = ("gaussian", "orthogonal", "pissa", "pissa_niter_<int>", "olora", "loftq", "eva", "corda",
                 "lora_ga", "mica")
-IMPLEMENTED_INITS = (True, False, "gaussian", "orthogonal")
+IMPLEMENTED_INITS = (True, False, "gaussian", "orthogonal", "pissa", "olora", "loftq", "eva", "corda")
 _PISSA_NITER = re.compile(r"pissa_niter_\d+")
 # Sub-configs that PEFT stores as its own dataclasses and writes as nested dicts.
 _SUBCONFIG_FIELDS = ("eva_config", "corda_config", "lora_ga_config", "velora_config", "monteclora_config",
@@ -210,6 +211,8 @@ class LoraConfig:
         if init == "loftq" and not self.loftq_config:
             _fail("loftq_config", "must be given when init_lora_weights='loftq'",
                   "Pass loftq_config={'loftq_bits': 4, 'loftq_iter': 1}")
+        if init == "loftq":
+            _check_loftq(self.loftq_config)
         if init != "loftq" and self.loftq_config:
             warnings.warn("LoraConfig: loftq_config is ignored because init_lora_weights is not 'loftq'.")
             self.loftq_config = {}
@@ -269,10 +272,10 @@ class LoraConfig:
             NotImplementedError: Naming the first such option that is set.
         """
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in IMPLEMENTED_INITS):
+        if not (isinstance(init, bool) or init in IMPLEMENTED_INITS or _PISSA_NITER.fullmatch(str(init))):
             raise NotImplementedError(
-                f"megalora does not implement init_lora_weights={init!r} yet; use True, False, 'gaussian' or "
-                "'orthogonal'")
+                f"megalora does not implement init_lora_weights={init!r} yet; use True, False, 'gaussian', "
+                "'orthogonal', 'pissa', 'pissa_niter_<n>', 'olora', 'loftq', 'eva' or 'corda'")
         unimplemented = ("use_qalora", "trainable_token_indices",
                          "alora_invocation_tokens", "ensure_weight_tying", "velora_config",
                          "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")

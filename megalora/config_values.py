@@ -118,3 +118,12 @@ def _int_list(name: str, value: Any) -> list:
     if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= 0 for v in value):
         _fail(name, f"expected a list of non-negative ints, got {value!r}", f"Pass e.g. {name}=[0, 1] or None")
     return list(value)
+
+
+def _check_loftq(loftq_config: dict) -> None:
+    """``loftq_bits`` in 2/4/8 and ``loftq_iter`` ≥ 1 (PEFT's LoftQConfig defaults: 4 and 1)."""
+    bits, iters = loftq_config.get("loftq_bits", 4), loftq_config.get("loftq_iter", 1)
+    if bits not in (2, 4, 8) or not _is_int(bits):
+        _fail("loftq_config", f"loftq_bits={bits!r} is not supported", "Use loftq_bits 2, 4 or 8")
+    if not _is_int(iters) or iters < 1:
+        _fail("loftq_config", f"loftq_iter={iters!r} must be an int >= 1", "Pass e.g. loftq_iter=1")

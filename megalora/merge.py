@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from .collectives import sync_rng_state
+from .initializers.base_weight import reads_base_weight
 from .parallel_groups import replica_groups
 from .sharding import gather_full
 from . import lora_math
@@ -281,6 +282,11 @@ def add_weighted_adapter(
     new_config = dataclasses.replace(
         base_config, r=new_rank, lora_alpha=new_rank, target_modules=targets, alpha_pattern={}, rank_pattern={}
     )
+    if reads_base_weight(new_config.init_lora_weights) or new_config.init_lora_weights in ("corda", "eva"):
+        # The combined factors are computed below on top of the current base: a PiSSA/OLoRA/LoftQ
+        # decomposition now would rewrite that base a second time (PEFT does, and breaks the model);
+        # CorDA's eigens are gone after its init, and EVA's data pass is not re-run.
+        new_config = dataclasses.replace(new_config, init_lora_weights=True, loftq_config={})
     lora_model.inject_adapter(adapter_name, new_config)
     if method.startswith("dare"):
         # Every replica of a tensor (TP and DP ranks of a stage) must draw the

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .collectives import all_gather_objects, group_rank
 from .config import LoraConfig
+from .initializers.base_weight import init_adapter_from_base, reads_base_weight
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
 from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
                                      unwrap)
@@ -131,6 +132,9 @@ class LoraModel(nn.Module):
                 for layer_name in module.adapter_layer_names:
                     if adapter_name in getattr(module, layer_name):
                         getattr(module, layer_name)[adapter_name].to(dtype)
+        if reads_base_weight(config.init_lora_weights):
+            # Collective (every rank, targets or not): factors and base weights from the full weights.
+            init_adapter_from_base([m for _, m in self.lora_layers()], adapter_name, config, self.seed)
         for local_name, module, untie_from in saved:
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name, untie_from)
@@ -299,16 +303,20 @@ class LoraModel(nn.Module):
 def _tie_problem(model: nn.Module, targets: list, config: LoraConfig) -> Optional[str]:
     """Why ``config`` cannot be applied to a layer tied to the embeddings (``None`` if it can).
 
-    DoRA needs the layer's own weight, which a tied output layer lacks at PP=1;
-    refused at every layout, so that a config means the same at each.
+    DoRA and the base-rewriting inits (PiSSA, OLoRA, LoftQ) need the layer's own
+    weight, which a tied output layer lacks at PP=1; refused at every layout, so
+    that a config means the same at each.
     """
-    if not config.use_dora:
+    rewrites = reads_base_weight(config.init_lora_weights)
+    if not (config.use_dora or rewrites):
         return None
+    what, fix = ((f"init_lora_weights={config.init_lora_weights!r}", "use init_lora_weights=True") if rewrites
+                 else ("use_dora=True", "set use_dora=False"))
     for target in targets:
         parent_name, _, leaf = target.local_name.rpartition(".")
         if is_tied_output(model.get_submodule(parent_name) if parent_name else model, leaf):
-            return (f"use_dora=True cannot adapt {target.global_name}: it is tied to the word embeddings "
-                    "(share_embeddings_and_output_weights) and has no weight of its own; set use_dora=False or "
+            return (f"{what} cannot adapt {target.global_name}: it is tied to the word embeddings "
+                    f"(share_embeddings_and_output_weights) and has no weight of its own; {fix} or "
                     f"remove {leaf!r} from target_modules")
     return None
 

@@ -23,9 +23,9 @@ keyword                       why it is accepted and ignored
 ============================  =================================================================
 
 Keywords that change what PEFT does are accepted only at their default:
-``mixed=False`` (mixed adapter types), ``key_mapping=None`` (key renaming
-on load) and ``path_initial_model_for_weight_conversion=None`` (PiSSA /
-OLoRA conversion on save).
+``mixed=False`` (mixed adapter types) and ``key_mapping=None`` (key renaming
+on load). (``save_pretrained``'s ``path_initial_model_for_weight_conversion`` is
+a real argument of :meth:`megalora.PeftModel.save_pretrained`.)
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ DEFAULT_ONLY = {
     "get_peft_model": {"mixed": False},
     "from_pretrained": {"key_mapping": None},
     "load_adapter": {"key_mapping": None},
-    "save_pretrained": {"path_initial_model_for_weight_conversion": None},
+    "save_pretrained": {},
 }
 
 

@@ -179,8 +179,14 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------ files
 
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
-                        selected_adapters: Optional[Sequence[str]] = None, **kwargs) -> None:
+                        selected_adapters: Optional[Sequence[str]] = None,
+                        path_initial_model_for_weight_conversion: Optional[str] = None, **kwargs) -> None:
         """Write each adapter in PEFT's format; collective under TP/PP (see :mod:`megalora.checkpoint`).
+
+        ``path_initial_model_for_weight_conversion``: the directory where this
+        PiSSA/OLoRA adapter was saved right after initialization; the adapter is
+        then written as a plain LoRA adapter of rank ``2r`` for the *original*
+        base (PEFT's conversion, :mod:`megalora.initializers.conversion`).
 
         Raises:
             TypeError: For a keyword PEFT's ``save_pretrained`` does not take
@@ -190,7 +196,8 @@ class PeftModel(nn.Module):
 
         check_kwargs("save_pretrained", kwargs)
         save_adapters(self, save_directory, selected_adapters=selected_adapters,
-                      safe_serialization=safe_serialization)
+                      safe_serialization=safe_serialization,
+                      path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion)
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
         """Collective: add the adapter saved in ``model_id`` (see :func:`megalora.checkpoint.load_adapter`).

@@ -35,7 +35,10 @@ from ..collectives import agree_or_raise, all_gather_objects, broadcast_object, 
 from .. import lora_math
 from ..checkpoint import PREFIX, adapter_state_dict, expert_keys, gather_stages, read_adapter_tensors, write_adapter
 from ..config import LoraConfig
+from ..initializers.base_weight import reads_base_weight
+from ..initializers.conversion import check_convertible, converted_state, initial_state
 from ..layers import LoraLayer
+from ..lora_math import alpha_for_scaling, scaling
 from ..targeting import global_module_names, pattern_value
 from .arch import MCORE_LAYER_PREFIX, Arch, arch_from_hf, layer_suffix
 from .expert_adapters import describe_parameters, export_experts, import_experts, split_expert_modules
@@ -225,13 +228,27 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
     problem = None
     if config.modules_to_save:
         problem = "exporting modules_to_save to HF PEFT is not supported; train an adapter without modules_to_save"
+    convert = reads_base_weight(config.init_lora_weights) or config.init_lora_weights == "corda"
+    if config.init_lora_weights == "loftq":
+        problem = ("an adapter initialized with LoftQ applies to the quantized base, which HF PEFT does not "
+                   "rebuild; export the merged model instead (megalora export)")
+    elif convert:
+        problem = check_convertible(config, None)
     agree_or_raise(problem)
     state, error = gather_stages(adapter_state_dict(peft_model, adapter_name), expert_keys(peft_model, adapter_name))
+    # PiSSA/OLoRA/CorDA trained on W_res: exported as PEFT's converted adapter (rank 2r) for the original base.
+    initial = (gather_stages(initial_state(peft_model, adapter_name), expert_keys(peft_model, adapter_name))[0]
+               if convert else None)
     ranks = {}
     for part in all_gather_objects(_local_ranks(peft_model, adapter_name)):
         ranks.update(part)
+    if convert:
+        ranks = {k: (2 * r, alpha_for_scaling(scaling(a, r, config.use_rslora), 2 * r, config.use_rslora))
+                 for k, (r, a) in ranks.items()}
     if state is not None and error is None:
         try:
+            if convert:
+                state = converted_state(state, initial)
             hf_state, hf_ranks, expert_params = hf_adapter_from_mcore(arch, state, ranks, config, compact)
             fields = _target_fields(arch, hf_ranks, expert_params)
             out_config = LoraConfig(

@@ -212,6 +212,10 @@ class LoraLayer(LoraWeights, BaseLayerFace):
         self.lora_bias[adapter_name] = bool(config.lora_bias)
         self.use_dora[adapter_name] = bool(config.use_dora)  # PEFT's attribute; the code reads the variant
         self.lora_variant[adapter_name] = variant
+        if config.init_lora_weights == "corda":  # before the variant: DoRA's norm reads the rewritten base
+            from ..initializers.corda import corda_init
+
+            corda_init(self, adapter_name)
         variant.init(self, adapter_name, like)
         self._tag_parameters(adapter_name)
         self.set_adapter(self.active_adapters or [adapter_name], inference_mode=config.inference_mode)
@@ -274,6 +278,7 @@ class LoraLayer(LoraWeights, BaseLayerFace):
                 del container[adapter_name]
         for attr in ("r", "lora_alpha", "scaling", "use_dora", "lora_bias", "lora_variant"):
             getattr(self, attr).pop(adapter_name, None)
+        self.__dict__.get("initial_factors", {}).pop(adapter_name, None)  # set by base-weight inits
         if adapter_name in self._active_adapter:
             remaining = [a for a in self._active_adapter if a != adapter_name]
             if not remaining and self.lora_A:

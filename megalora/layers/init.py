@@ -14,6 +14,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..initializers.base_weight import reads_base_weight
+
 
 class LoraFactor(nn.Linear):
     """An ``nn.Linear`` built from given tensors, drawing nothing from the global RNG.
@@ -69,14 +71,18 @@ def draw_full_factors(
     the bound is ``1/sqrt(in)`` on the *full* fan-in) and B zero. ``False``
     leaves both as ``nn.Linear`` would, ``"gaussian"`` draws A from
     ``N(0, 1/r)``, and ``"orthogonal"`` builds A and B from the odd and even rows
-    of a random orthogonal matrix so that ``B @ A`` starts at zero.
+    of a random orthogonal matrix so that ``B @ A`` starts at zero. A base-weight
+    init (PiSSA, OLoRA, LoftQ) draws ``True``'s factors as a placeholder.
     """
     def uniform(shape, fan_in):
         bound = 1.0 / math.sqrt(fan_in)
         return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 
     bias = torch.zeros(out_features) if lora_bias else None
-    if init is True:
+    if init is True or reads_base_weight(init) or init in ("eva", "corda"):
+        # Base-weight inits (PiSSA, OLoRA, LoftQ) and CorDA start from PEFT's default draw as a
+        # placeholder (B = 0): megalora.initializers replaces it.
+        # EVA starts from it as PEFT does (A = nn.Linear's default, B = 0).
         a, b = uniform((r, in_features), in_features), torch.zeros(out_features, r)
     elif init is False:
         a, b = uniform((r, in_features), in_features), uniform((out_features, r), r)
@@ -94,6 +100,6 @@ def draw_full_factors(
     else:
         raise NotImplementedError(
             f"init_lora_weights={init!r} is not implemented by megalora yet; "
-            "use True, False, 'gaussian' or 'orthogonal'."
+            "use True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_<n>', 'olora' or 'loftq'."
         )
     return a.contiguous(), b.contiguous(), bias

@@ -8,6 +8,8 @@ logs (tqdm) and writes the summary, metrics and the loss-curve PNG into
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import functools
 import json
@@ -229,18 +231,31 @@ def _setup(cfg: JobConfig) -> _Run:
                 summary)
 
 
+def _base_view(r: _Run):
+    """The context in which the model is the base model, before training.
+
+    Adapters disabled, except after an init that rewrote the base (PiSSA, OLoRA, LoftQ): there
+    the untrained model with its adapter *is* the base (``W_res + s·B0@A0 = W``; LoftQ's quantized
+    fit of it), and disabling the adapter would leave the residual.
+    """
+    from ..initializers.base_weight import reads_base_weight
+
+    init = r.peft_model.peft_config[r.peft_model.active_adapters[0]].init_lora_weights
+    return contextlib.nullcontext() if reads_base_weight(init) else r.peft_model.disable_adapter()
+
+
 def _before(r: _Run, meta: dict) -> None:
-    """The base model's eval loss and answer (adapters disabled)."""
+    """The base model's eval loss and answer (see :func:`_base_view`)."""
     cfg, seq = r.cfg, r.cfg.data.seq_length
     if cfg.job.eval_base:
         if "base_eval_loss" in meta:  # measured before the run was interrupted
             r.summary.base_eval_loss = meta["base_eval_loss"]
         else:
-            with r.peft_model.disable_adapter():
+            with _base_view(r):
                 r.summary.base_eval_loss = evaluate(r.model, r.eval_batches, seq)
         r.log(f"base model eval loss: {r.summary.base_eval_loss:.4f}")
     if cfg.job.max_new_tokens > 0:
-        with r.peft_model.disable_adapter():
+        with _base_view(r):
             r.summary.answer_before = _answer(r.chunks, r.data, cfg)
         r.log(f"prompt: {r.data.prompt!r}\n    base model answers: {r.summary.answer_before!r}")
 

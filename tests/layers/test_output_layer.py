@@ -266,6 +266,8 @@ BAD = {
     # At PP=1 the tied output layer has no weight; refused at PP=2 too, where it has a copy.
     "dora-on-tied-output-pp1": (dict(use_dora=True), 1, ["output_layer", "use_dora"]),
     "dora-on-tied-output-pp2": (dict(use_dora=True), 2, ["output_layer", "use_dora"]),
+    # PiSSA and friends rewrite the base weight: the same rule as DoRA's.
+    "pissa-on-tied-output-pp1": (dict(init_lora_weights="pissa"), 1, ["output_layer", "init_lora_weights='pissa'"]),
 }
 
 
