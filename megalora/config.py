@@ -251,6 +251,9 @@ class LoraConfig:
                 warnings.warn("LoraConfig: aLoRA (alora_invocation_tokens) is only supported for CAUSAL_LM.")
         if not _is_int(self.qalora_group_size) or self.qalora_group_size <= 0:
             _fail("qalora_group_size", f"must be a positive int, got {self.qalora_group_size!r}", "Pass e.g. 16")
+        if self.use_qalora and self.use_dora:
+            _fail("use_qalora", "cannot be combined with use_dora=True (PEFT forbids it)",
+                  "Set use_qalora=False or use_dora=False")
         if isinstance(self.runtime_config, dict):
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
         elif not _is_dc(self.runtime_config):
@@ -273,7 +276,7 @@ class LoraConfig:
             raise NotImplementedError(
                 f"megalora does not implement init_lora_weights={init!r} yet; use True, False, 'gaussian' or "
                 "'orthogonal'")
-        unimplemented = ("use_qalora", "trainable_token_indices", "target_parameters",
+        unimplemented = ("trainable_token_indices", "target_parameters",
                          "alora_invocation_tokens", "ensure_weight_tying", "velora_config",
                          "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
         for name in unimplemented:

@@ -96,7 +96,8 @@ def _gather_adapter(layer: LoraLayer, adapter: str, norms: bool = False) -> Opti
     table = {e.role: e for e in layer.tensors(adapter)}
     out = {"a": _gather(layer, table["A"].param, table["A"].spec),
            "b": _gather(layer, table["B"].param, table["B"].spec),
-           "scale": layer.scaling[adapter], "magnitude": None, "norm": None}
+           "scale": layer.scaling[adapter], "magnitude": None, "norm": None,
+           "groups": layer.lora_variant[adapter].groups(layer)}
     if "magnitude" in table:
         out["magnitude"] = _gather(layer, table["magnitude"].param, table["magnitude"].spec)
         if norms:
@@ -105,7 +106,7 @@ def _gather_adapter(layer: LoraLayer, adapter: str, norms: bool = False) -> Opti
 
 
 def _delta(f: dict) -> torch.Tensor:
-    return lora_math.delta_weight(f["a"], f["b"], f["scale"])
+    return lora_math.delta_weight(f["a"], f["b"], f["scale"], f["groups"])
 
 
 def _merged_weight(layer: LoraLayer, adapters: list[str], spec: ShardSpec) -> Optional[torch.Tensor]:
