@@ -105,10 +105,16 @@ class LoraModel(nn.Module):
         saved = [(name, module, self._tie_plan(name, config)) for name, module in saved]
         names = global_module_names(self.model)
         untied = [names[name] for name, _, plan in saved if plan is not None]
+        # Layers are built (not yet swapped in) before the gather, so that what
+        # a variant refuses on one stage only (QALoRA groups straddling a TP shard)
+        # fails on every rank together instead of hanging the others.
+        layers = [t.module if isinstance(t.module, LoraLayer) else create_lora_layer(t.module, t.global_name, config,
+                                                                                      mcore) for t in targets]
+        problem = _tie_problem(self.model, targets, config) or _variant_problem(layers, config, adapter_name)
         # One gather, before anything changes: a config that selects nothing anywhere, or a
         # problem seen on one stage only, fails on every rank together; a stage without
         # matches is fine.
-        reports = all_gather_objects((len(targets), saved_counts, _tie_problem(self.model, targets, config), untied))
+        reports = all_gather_objects((len(targets), saved_counts, problem, untied))
         if sum(r[0] for r in reports) == 0:
             raise ValueError(describe_no_match(config))
         missing = [e for i, e in enumerate(config.modules_to_save or []) if not any(r[1][i] for r in reports)]
@@ -117,10 +123,8 @@ class LoraModel(nn.Module):
         problem = next((r[2] for r in reports if r[2]), None)
         if problem:
             raise ValueError(problem)
-        for target in targets:
-            module = target.module
-            if not isinstance(module, LoraLayer):
-                module = create_lora_layer(module, target.global_name, config, mcore)
+        for target, module in zip(targets, layers):
+            if module is not target.module:
                 _set_submodule(self.model, target.local_name, module)
             module.update_layer(adapter_name, config, r=target.r, lora_alpha=target.alpha, seed=self.seed)
             dtype = _params_dtype(config.megatron_config)
@@ -287,6 +291,19 @@ def _tie_problem(model: nn.Module, targets: list, config: LoraConfig) -> Optiona
             return (f"use_dora=True cannot adapt {target.global_name}: it is tied to the word embeddings "
                     "(share_embeddings_and_output_weights) and has no weight of its own; set use_dora=False or "
                     f"remove {leaf!r} from target_modules")
+    return None
+
+
+def _variant_problem(layers: list, config: LoraConfig, adapter_name: str) -> Optional[str]:
+    """The first refusal of ``config``'s variant (QALoRA's group checks) on this rank's layers, as text."""
+    from .layers.variants import resolve_variant
+
+    variant = resolve_variant(config)
+    for layer in layers:
+        try:
+            variant.check(layer, adapter_name)
+        except (ValueError, NotImplementedError) as exc:
+            return str(exc)
     return None
 
 
