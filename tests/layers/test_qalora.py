@@ -122,3 +122,17 @@ def test_files_store_pooled_a_and_config(tmp_path):
 def test_group_size_must_divide_in_features():
     with pytest.raises(ValueError, match=r"qalora_group_size=3 does not divide in_features=8"):
         megalora.get_peft_model(base_model("net"), megalora.LoraConfig(**{**QA, "qalora_group_size": 3}))
+
+
+def test_cli_config_checks_groups_in_the_parent():
+    """``megalora train`` refuses groups that straddle TP shards before any rank starts."""
+    from megalora.training.config import from_dict
+
+    lora = {"r": 4, "target_modules": "all-linear", "use_qalora": True, "qalora_group_size": 32}
+    model = {"hidden_size": 64, "ffn_hidden_size": 96}
+    from_dict({"model": model, "parallel": {"tp": 1}, "lora": lora})  # 96 / 1 is a multiple of 32
+    with pytest.raises(ValueError, match=r"lora.qalora_group_size: 32 does not divide linear_fc2's input shard "
+                                         r"96/parallel.tp=2; use parallel.tp in \[1, 3\]"):
+        from_dict({"model": model, "parallel": {"tp": 2}, "lora": lora})
+    # Not targeted: not checked.
+    from_dict({"model": model, "parallel": {"tp": 2}, "lora": {**lora, "target_modules": ["linear_qkv"]}})
