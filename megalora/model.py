@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .collectives import all_gather_objects, group_rank
 from .config import LoraConfig
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
+from .layers.embedding import mark_tied_embeddings
 from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
                                      unwrap)
 from .replica_sharing import restore_shared, unshare_for_merge
@@ -141,6 +142,7 @@ class LoraModel(nn.Module):
         untied = sorted({name for r in reports for name in r[3]})
         if untied and group_rank(dist.group.WORLD) == 0:
             logger.warning(untied_message(untied))
+        mark_tied_embeddings(self.model)
         self.peft_config[adapter_name] = config
         self._mark_only_adapters_as_trainable(config)
 
@@ -295,13 +297,10 @@ def _tie_problem(model: nn.Module, targets: list, config: LoraConfig) -> Optiona
 
 
 def _variant_problem(layers: list, config: LoraConfig, adapter_name: str) -> Optional[str]:
-    """The first refusal of ``config``'s variant (QALoRA's group checks) on this rank's layers, as text."""
-    from .layers.variants import resolve_variant
-
-    variant = resolve_variant(config)
+    """The first refusal of ``config`` by one of this rank's layers (QALoRA's groups, embeddings), as text."""
     for layer in layers:
         try:
-            variant.check(layer, adapter_name)
+            layer.check_config(config, adapter_name)
         except (ValueError, NotImplementedError) as exc:
             return str(exc)
     return None

@@ -193,7 +193,7 @@ class LoraLayer(LoraWeights, BaseLayerFace):
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r} for adapter {adapter_name!r}")
         variant = resolve_variant(config)
-        variant.check(self, adapter_name)
+        self.check_config(config, adapter_name)
         if config.lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
             warnings.warn(
                 f"lora_bias=True on {self.global_name or type(self.get_base_layer()).__name__}, which has no bias: "
@@ -224,6 +224,14 @@ class LoraLayer(LoraWeights, BaseLayerFace):
         variant.init(self, adapter_name, like)
         self._tag_parameters(adapter_name)
         self.set_adapter(self.active_adapters or [adapter_name], inference_mode=config.inference_mode)
+
+    def check_config(self, config, adapter_name: str) -> None:
+        """Raise if this layer cannot carry ``config`` (its variant's refusals); changes nothing.
+
+        :class:`~megalora.model.LoraModel` calls it on every rank before its one
+        gather, so a refusal on one pipeline stage fails every rank together.
+        """
+        resolve_variant(config).check(self, adapter_name)
 
     def _draw_factors(self, config, r: int, a_in: int, out_full: int, gen: torch.Generator):
         """Full fp32 ``(A [r, a_in], B [out, r], B's bias or None)``; embeddings draw PEFT's own way."""
