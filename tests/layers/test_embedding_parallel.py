@@ -1,0 +1,103 @@
+"""LoRA on megatron-core's ``VocabParallelEmbedding`` against world size 1.
+
+A is split along the vocabulary and B replicated; each rank adds its LoRA
+partial before the embedding's own all-reduce (reduce-scatter under SP). The
+oracles train the world-size-1 layout, rebuild the model at TP=2, TP=2+SP,
+PP=2 and TP=2×PP=2 from the same full weights, and compare losses and the
+gathered adapter after 5 Adam steps (the tolerances are the other oracles':
+bit-equal init, summation-order rounding after that). The TP body also checks
+merging into the sharded table, saving at TP=2 and loading at TP=1, and that
+the adapter adds no collective.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tests import gpt_utils as G
+from tests import test_targeting as T
+from tests.layers import test_parallel as P
+
+# init_lora_weights=True: PEFT's embedding init (A zero, B ~ N(0, 1)); the
+# linear layers get theirs (B zero). Both factors train from step 1.
+EMB = dict(target_modules=["word_embeddings", "linear_qkv", "linear_fc2"], init_lora_weights=True)
+
+
+def _collectives(model):
+    from megalora.testing.collective_counter import count_collectives
+    import megalora
+
+    batch = G.batches(1)[0]
+    # So that backward runs through the embedding with the adapters disabled too.
+    model.base_model.model.embedding.word_embeddings.weight.requires_grad_(True)
+
+    def step(enabled):
+        model.zero_grad()
+        (model.enable_adapter_layers if enabled else model.disable_adapter_layers)()
+        with count_collectives() as log:
+            G.lm_loss(model, batch).backward()
+        return log
+
+    base, lora = step(False), step(True)
+    model.base_model.model.embedding.word_embeddings.weight.requires_grad_(False)
+    with count_collectives() as sync:
+        megalora.sync_lora_grads(model)
+    return dict(base.calls), dict(lora.calls), sync.total_calls
+
+
+def _tp_body(path):
+    from megalora.parallel_start import destroy_parallel
+    import megalora
+
+    P._oracle_body(False, False, dict(EMB))
+    destroy_parallel()
+    P._oracle_body(True, True, dict(EMB))
+    counts = _collectives(P._build(2, True, True, **EMB)[0])
+    destroy_parallel()
+
+    _, full = P._build(1, False, False, **EMB)  # the full base weights
+    destroy_parallel()
+    model, _ = P._build(2, False, False, full=full, **EMB)
+    G.train(model, G.batches(2))
+    tokens = G.batches(1, seed=9)[0][0]
+    model.eval()
+    with torch.no_grad():
+        unmerged = G.logits(model, tokens)
+        table = model.base_model.model.embedding.word_embeddings.get_base_layer().weight
+        before = table.clone()
+        model.merge_adapter()
+        merged = (G.logits(model, tokens) - unmerged).abs().max().item()
+        changed = (table - before).abs().max().item()
+        model.unmerge_adapter()
+    model.save_pretrained(path)
+    destroy_parallel()
+
+    megalora.init_parallel(seed=1234)
+    base = G.build_gpt(G.gpt_config())
+    G.load_full_state(base, full)
+    loaded = megalora.PeftModel.from_pretrained(base, path)
+    loaded.eval()
+    with torch.no_grad():
+        reloaded = (G.logits(loaded, tokens) - unmerged).abs().max().item()
+    destroy_parallel()
+    return counts, merged, changed, reloaded
+
+
+def test_tp2_and_sp_match_tp1_merge_save_load(dist2, tmp_path):
+    for (base_calls, lora_calls, sync_calls), merged, changed, reloaded in dist2(_tp_body, str(tmp_path)):
+        assert lora_calls == base_calls, f"embedding LoRA changed the collectives: {base_calls} -> {lora_calls}"
+        assert sync_calls == 1, "the replicated grads should be reduced in one coalesced all-reduce"
+        assert changed > 1e-3, "merging did not write into the sharded table"
+        # fp32 rounding of reordered sums on logits of size ~1.
+        assert merged < 1e-5, merged
+        assert reloaded < 1e-5, reloaded
+
+
+def test_pp2_matches_pp1(dist2):
+    (names0, _), (names1, _) = dist2(T._oracle_body, dict(pp=2), dict(EMB), timeout_s=600)
+    assert names0 == names1 and "embedding.word_embeddings" in names0
+
+
+def test_tp2_pp2_matches_world_size_1(dist4):
+    results = dist4(T._oracle_body, dict(tp=2, pp=2), dict(EMB), timeout_s=600)
+    assert "embedding.word_embeddings" in results[0][0]
