@@ -41,6 +41,8 @@ from .arch import MCORE_LAYER_PREFIX, Arch, arch_from_hf, layer_suffix
 from .export import find_hf_config, model_chunks
 
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
+# An embedding LoRA (PEFT's lora.Embedding): copied as is, the embedding being one module on both sides.
+EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 
 
 def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -48,7 +50,11 @@ def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[st
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         body = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        suffix = next((s for s in SUFFIXES if body.endswith("." + s)), None)
+        if body.endswith(".base_layer.weight"):
+            # PEFT also saves the (frozen) base table of a targeted embedding
+            # (save_embedding_layers='auto'); the model already holds it.
+            continue
+        suffix = next((s for s in SUFFIXES + EMBEDDING_SUFFIXES if body.endswith("." + s)), None)
         if suffix is None and body.endswith(".bias"):
             raise ValueError(
                 f"{source}: tensor {key!r} is a trained model bias (saved for bias='all' or 'lora_only'); the HF "
@@ -57,7 +63,8 @@ def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[st
         if suffix is None:
             raise ValueError(
                 f"{source}: tensor {key!r} is not a LoRA factor of a linear layer (lora_A/lora_B/"
-                "lora_magnitude_vector); embedding LoRA, modules_to_save and other PEFT methods are not supported"
+                "lora_magnitude_vector) or of an embedding (lora_embedding_A/B); modules_to_save and other PEFT "
+                "methods are not supported"
             )
         out.setdefault(body[: -len(suffix) - 1], {})[suffix] = tensor
     return out
@@ -150,8 +157,13 @@ def hf_adapter_from_mcore(arch: Arch, state: dict, ranks: dict, config: LoraConf
     hf_state, hf_ranks = {}, {}
     for module, tensors in sorted(_by_module(state, "the megalora adapter").items()):
         _, hprefix, rule = arch.rule_for_mcore(module)
+        if _is_embedding_lora(rule, tensors):
+            for suffix, tensor in tensors.items():
+                hf_state[f"{PREFIX}{hprefix}{rule.hf[0]}.{suffix}"] = tensor
+            hf_ranks[hprefix + rule.hf[0]] = ranks[module]
+            continue
         if not rule.linear:
-            raise ValueError(f"{module} is not a linear layer; only linear LoRA exports to HF PEFT")
+            raise ValueError(f"{module} is not a linear layer; only linear and embedding LoRA export to HF PEFT")
         r, alpha = ranks[module]
         parts = list(zip(rule.hf, _split_factors(arch, rule, tensors, r, alpha, config.use_rslora, compact)))
         if compact:
@@ -164,6 +176,16 @@ def hf_adapter_from_mcore(arch: Arch, state: dict, ranks: dict, config: LoraConf
                 hf_state[f"{PREFIX}{hprefix}{hf}.{suffix}"] = tensor
             hf_ranks[hprefix + hf] = (r_i, alpha_i)
     return hf_state, hf_ranks
+
+
+def _is_embedding_lora(rule, tensors: dict) -> bool:
+    """Whether ``tensors`` are an embedding LoRA on ``rule``'s one-to-one embedding module."""
+    return not rule.linear and len(rule.hf) == 1 and set(tensors) <= set(EMBEDDING_SUFFIXES)
+
+
+def _universe(modules: list[str], ranks: dict) -> list[str]:
+    """The modules target names are matched in: every linear one, and the adapted embeddings."""
+    return modules + sorted(set(ranks) - set(modules))
 
 
 def _local_ranks(peft_model, adapter: str) -> dict[str, tuple[int, float]]:
@@ -207,7 +229,8 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
     if state is not None and error is None:
         try:
             hf_state, hf_ranks = hf_adapter_from_mcore(arch, state, ranks, config, compact)
-            fields = describe_targets(hf_ranks, arch.linear_hf_modules(), arch.hf_layer_prefix)
+            fields = describe_targets(hf_ranks, _universe(arch.linear_hf_modules(), hf_ranks),
+                                      arch.hf_layer_prefix)
             out_config = LoraConfig(
                 task_type=config.task_type or "CAUSAL_LM",
                 base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
@@ -280,9 +303,17 @@ def mcore_adapter_from_hf(arch: Arch, peft_config: LoraConfig, state: dict, sour
     """``(megalora state dict, {megatron module: (r, alpha)})`` from an HF PEFT adapter."""
     where = arch.hf_module_to_mcore()
     grouped: dict[str, dict[int, tuple]] = {}
+    embeddings: dict[str, tuple] = {}
     for hf_module, tensors in _by_module(state, source).items():
         if hf_module not in where:
             raise ValueError(f"{source}: module {hf_module!r} is not a linear layer of the HF {arch.model_type} model")
+        module, _ = where[hf_module]
+        if _is_embedding_lora(arch.rule_for_mcore(module)[2], tensors):
+            if set(tensors) != set(EMBEDDING_SUFFIXES):
+                raise ValueError(f"{source}: {hf_module} lacks lora_embedding_A or lora_embedding_B")
+            alpha = pattern_value(peft_config.alpha_pattern, hf_module, peft_config.lora_alpha)
+            embeddings[module] = (tensors, tensors["lora_embedding_A"].shape[0], alpha)
+            continue
         if "lora_A.weight" not in tensors or "lora_B.weight" not in tensors:
             raise ValueError(f"{source}: {hf_module} lacks lora_A or lora_B")
         r = tensors["lora_A.weight"].shape[0]
@@ -294,6 +325,10 @@ def mcore_adapter_from_hf(arch: Arch, peft_config: LoraConfig, state: dict, sour
         _, _, rule = arch.rule_for_mcore(module)
         fused, r, alpha = _fuse_adapters(arch, rule, parts, peft_config.use_rslora, module)
         for suffix, tensor in fused.items():
+            out[f"{PREFIX}{module}.{suffix}"] = tensor
+        ranks[module] = (r, alpha)
+    for module, (tensors, r, alpha) in embeddings.items():
+        for suffix, tensor in tensors.items():
             out[f"{PREFIX}{module}.{suffix}"] = tensor
         ranks[module] = (r, alpha)
     return out, ranks
@@ -328,7 +363,7 @@ def import_peft_adapter(model, directory: str, adapter_name: str = "default", hf
         problem = f"{directory}: modules_to_save={peft_config.modules_to_save} is not supported by the HF import"
     agree_or_raise(problem)
     state, ranks = mcore_adapter_from_hf(arch, peft_config, read_adapter_tensors(directory), directory)
-    fields = describe_targets(ranks, arch.linear_mcore_modules(), MCORE_LAYER_PREFIX)
+    fields = describe_targets(ranks, _universe(arch.linear_mcore_modules(), ranks), MCORE_LAYER_PREFIX)
     config = LoraConfig(
         task_type="CAUSAL_LM", base_model_name_or_path=peft_config.base_model_name_or_path,
         lora_dropout=peft_config.lora_dropout, use_rslora=peft_config.use_rslora, use_dora=peft_config.use_dora,
