@@ -20,6 +20,13 @@ the A matrices are equal (an adapter that megalora exported) the import keeps
 rank r. A per-module scale ``alpha/r`` different from the fused one is folded
 into that module's block of B. DoRA magnitudes are per output row, so they
 concatenate exactly. Nothing is approximated.
+
+**Embeddings.** An embedding LoRA (``lora_embedding_A`` / ``lora_embedding_B``)
+is one module on both sides (``embed_tokens`` / ``wte`` ↔
+``embedding.word_embeddings``) and is copied as is. PEFT also saves the frozen
+base table of a targeted embedding; the import skips it (the model has it).
+QALoRA adapters import (PEFT makes them on GPTQ models) but do not export:
+PEFT ignores ``use_qalora`` on ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -221,6 +228,9 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
     problem = None
     if config.modules_to_save:
         problem = "exporting modules_to_save to HF PEFT is not supported; train an adapter without modules_to_save"
+    elif config.use_qalora:
+        problem = ("exporting a QALoRA adapter to HF PEFT is not supported: PEFT applies use_qalora to GPTQ layers only "
+                   "and ignores it on nn.Linear; export the merged model instead (save_hf_pretrained)")
     agree_or_raise(problem)
     state, error = gather_stages(adapter_state_dict(peft_model, adapter_name))
     ranks = {}
@@ -367,7 +377,8 @@ def import_peft_adapter(model, directory: str, adapter_name: str = "default", hf
     config = LoraConfig(
         task_type="CAUSAL_LM", base_model_name_or_path=peft_config.base_model_name_or_path,
         lora_dropout=peft_config.lora_dropout, use_rslora=peft_config.use_rslora, use_dora=peft_config.use_dora,
-        lora_bias=peft_config.lora_bias, bias=peft_config.bias, init_lora_weights=True, **fields,
+        lora_bias=peft_config.lora_bias, bias=peft_config.bias, init_lora_weights=True,
+        use_qalora=peft_config.use_qalora, qalora_group_size=peft_config.qalora_group_size, **fields,
     )
     with tempfile.TemporaryDirectory(prefix="megalora-import-") as tmp:
         write_adapter(tmp, config, state)

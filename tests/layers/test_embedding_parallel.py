@@ -3,7 +3,7 @@
 A is split along the vocabulary and B replicated; each rank adds its LoRA
 partial before the embedding's own all-reduce (reduce-scatter under SP). The
 oracles train the world-size-1 layout, rebuild the model at TP=2, TP=2+SP,
-PP=2 and TP=2×PP=2 from the same full weights, and compare losses and the
+PP=2 (tied embeddings, Megatron's default) and TP=2×PP=2 (untied) from the same full weights, and compare losses and the
 gathered adapter after 5 Adam steps (the tolerances are the other oracles':
 bit-equal init, summation-order rounding after that). The TP body also checks
 merging into the sharded table, saving at TP=2 and loading at TP=1, and that
@@ -93,11 +93,55 @@ def test_tp2_and_sp_match_tp1_merge_save_load(dist2, tmp_path):
         assert reloaded < 1e-5, reloaded
 
 
-def test_pp2_matches_pp1(dist2):
-    (names0, _), (names1, _) = dist2(T._oracle_body, dict(pp=2), dict(EMB), timeout_s=600)
-    assert names0 == names1 and "embedding.word_embeddings" in names0
-
-
 def test_tp2_pp2_matches_world_size_1(dist4):
     results = dist4(T._oracle_body, dict(tp=2, pp=2), dict(EMB), timeout_s=600)
     assert "embedding.word_embeddings" in results[0][0]
+
+
+def _tied_body(layout: dict, path: str):
+    """Tied embeddings (Megatron's default) at a PP layout against PP=1, and the merge refusals.
+
+    At PP=2 the output layer is on the last stage with its own copy of the
+    base table; LoRA on the first stage's embedding must not change it, at
+    any layout, so the losses match PP=1 (where the head reads the table itself).
+    """
+    import pytest
+
+    import megalora
+    from megalora.parallel_start import destroy_parallel
+
+    megalora.init_parallel(seed=1234)
+    model = G.build_gpt(G.gpt_config(num_layers=4), tied=True)
+    full = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ref = megalora.get_peft_model(model, T._lora_config(**EMB))
+    ref_init = T.gathered_adapter(ref)
+    ref_losses = G.pipeline_train(list(ref), T.train_data())
+    ref_final = T.gathered_adapter(ref)
+    destroy_parallel()
+
+    tp, pp = layout.get("tp", 1), layout["pp"]
+    megalora.init_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=1234)
+    chunks = G.build_stage(G.gpt_config(tp=tp, pp=pp, num_layers=4), tied=True)
+    G.load_full_state(chunks[0], full)
+    peft = megalora.get_peft_model(chunks[0], T._lora_config(**EMB))
+    T.assert_close_dicts(ref_init, T.gathered_adapter(peft), 0.0, "init")
+    losses = T.last_stage_losses(G.pipeline_train(list(peft), T.train_data()))
+    T.assert_losses_close(ref_losses, losses, f"tied, layout {layout}")
+    T.assert_close_dicts(ref_final, T.gathered_adapter(peft), 1e-5, "LoRA weights after 5 Adam steps")
+
+    embedding = getattr(getattr(peft.base_model.model, "embedding", None), "word_embeddings", None)
+    refused_merge = None
+    if embedding is not None:  # the first stage
+        with pytest.raises(ValueError, match="the output layer is tied to it") as info:
+            peft.merge_adapter()
+        refused_merge = str(info.value)
+    with pytest.raises(ValueError, match="the output layer is tied to these embeddings") as export_info:
+        megalora.export_merged(peft, path, progressbar=False)
+    destroy_parallel()
+    return refused_merge, str(export_info.value)
+
+
+def test_tied_pp2_matches_pp1_and_merge_is_refused(dist2, tmp_path):
+    (merge0, export0), (merge1, export1) = dist2(_tied_body, dict(pp=2), str(tmp_path), timeout_s=600)
+    assert merge0 is not None and merge1 is None  # the embedding lives on stage 0 only
+    assert export0 == export1  # every rank raises the same error
