@@ -54,6 +54,9 @@ def _tp_body(path):
     P._oracle_body(True, True, dict(EMB))
     counts = _collectives(P._build(2, True, True, **EMB)[0])
     destroy_parallel()
+    # B's partial gradients through megatron-core's DDP and finalize_model_grads (its grad_sync tag).
+    P._ddp_body(True, dict(EMB))
+    destroy_parallel()
 
     _, full = P._build(1, False, False, **EMB)  # the full base weights
     destroy_parallel()
@@ -93,9 +96,21 @@ def test_tp2_and_sp_match_tp1_merge_save_load(dist2, tmp_path):
         assert reloaded < 1e-5, reloaded
 
 
+def _tp2_pp2_body():
+    """Embedding LoRA, then QALoRA (groups of 16 on 4 layers), at TP=2 x PP=2 against world size 1."""
+    from megalora.parallel_start import destroy_parallel
+
+    emb = T._oracle_body(dict(tp=2, pp=2), dict(EMB))
+    destroy_parallel()
+    qalora = T._oracle_body(dict(tp=2, pp=2, gated=True), dict(use_qalora=True, qalora_group_size=16))
+    destroy_parallel()
+    return emb[0], qalora[0]
+
+
 def test_tp2_pp2_matches_world_size_1(dist4):
-    results = dist4(T._oracle_body, dict(tp=2, pp=2), dict(EMB), timeout_s=600)
+    results = dist4(_tp2_pp2_body, timeout_s=900)
     assert "embedding.word_embeddings" in results[0][0]
+    assert len(results[0][1]) == 16  # QALoRA on the 4 linear layers of all 4 transformer layers
 
 
 def _tied_body(layout: dict, path: str):

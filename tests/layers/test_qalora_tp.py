@@ -1,4 +1,6 @@
-"""QALoRA under tensor parallelism: TP=2 and TP=2+SP against TP=1, merge at TP=2, and the group check.
+"""QALoRA under model parallelism: TP=2, TP=2+SP and PP=2 against world size 1, merge at TP=2, the group check.
+
+TP=2 x PP=2 runs in ``test_embedding_parallel.py`` (one 4-rank launch for both features).
 
 The GPT of :mod:`tests.gpt_utils` has ``linear_proj`` (64 inputs) and
 ``linear_fc2`` (96) as row-parallel layers, so at TP=2 with
@@ -39,6 +41,12 @@ def _qalora_body():
         merged = (G.logits(model, tokens) - unmerged).abs().max().item()
         model.unmerge_adapter()
         again = (G.logits(model, tokens) - unmerged).abs().max().item()
+    destroy_parallel()
+
+    # PP=2 against PP=1 (global names, both stages adapted).
+    from tests import test_targeting as T
+
+    T._oracle_body(dict(pp=2), dict(QA))
     destroy_parallel()
 
     # 96 / 2 = 48 inputs per rank of linear_fc2 is not a multiple of 32: every rank
