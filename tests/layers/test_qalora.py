@@ -136,3 +136,28 @@ def test_cli_config_checks_groups_in_the_parent():
         from_dict({"model": model, "parallel": {"tp": 2}, "lora": lora})
     # Not targeted: not checked.
     from_dict({"model": model, "parallel": {"tp": 2}, "lora": {**lora, "target_modules": ["linear_qkv"]}})
+
+
+def _te_refusal_body():
+    import megalora
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    from megalora.layers.te import LoraColumnCallingBase
+
+    megalora.init_parallel(seed=7)
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4, use_cpu_initialization=True,
+                               gradient_accumulation_fusion=False)
+    base = ColumnParallelLinear(16, 32, config=config, init_method=torch.nn.init.normal_, bias=False)
+    layer = LoraColumnCallingBase(base, global_name="fc1")
+    try:
+        layer.update_layer("default", megalora.LoraConfig(r=2, use_qalora=True, qalora_group_size=4))
+    except NotImplementedError as exc:
+        return str(exc)
+    return None
+
+
+def test_layers_with_their_own_lora_path_refuse_qalora(ranks):
+    """Transformer Engine's layers run LoRA outside the variant forward: refused, never ignored (PEFT ignores it)."""
+    error = ranks(1, _te_refusal_body)[0]
+    assert error is not None and error.startswith("use_qalora=True is not supported on fc1"), error
