@@ -161,3 +161,9 @@ def test_layers_with_their_own_lora_path_refuse_qalora(ranks):
     """Transformer Engine's layers run LoRA outside the variant forward: refused, never ignored (PEFT ignores it)."""
     error = ranks(1, _te_refusal_body)[0]
     assert error is not None and error.startswith("use_qalora=True is not supported on fc1"), error
+
+
+def test_add_weighted_adapter_refuses_qalora():
+    _, m = _pair()
+    with pytest.raises(ValueError, match="add_weighted_adapter does not support use_qalora=True"):
+        m.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
