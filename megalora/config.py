@@ -251,9 +251,6 @@ class LoraConfig:
                 warnings.warn("LoraConfig: aLoRA (alora_invocation_tokens) is only supported for CAUSAL_LM.")
         if not _is_int(self.qalora_group_size) or self.qalora_group_size <= 0:
             _fail("qalora_group_size", f"must be a positive int, got {self.qalora_group_size!r}", "Pass e.g. 16")
-        if self.use_qalora and self.use_dora:
-            _fail("use_qalora", "cannot be combined with use_dora=True (PEFT forbids it)",
-                  "Set use_qalora=False or use_dora=False")
         if isinstance(self.runtime_config, dict):
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
         elif not _is_dc(self.runtime_config):

@@ -124,7 +124,6 @@ INVALID = [
     (dict(trainable_token_indices={1: [0]}), "trainable_token_indices"),
     (dict(alora_invocation_tokens=["a"], task_type="CAUSAL_LM"), "alora_invocation_tokens"),
     (dict(qalora_group_size=0), "qalora_group_size"),
-    (dict(use_qalora=True, use_dora=True), "use_qalora"),
     (dict(eva_config="yes", init_lora_weights="eva"), "eva_config"),
     (dict(task_type="CHAT"), "task_type"),
     (dict(peft_type="IA3"), "peft_type"),

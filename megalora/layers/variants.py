@@ -223,5 +223,10 @@ DORA = Dora()
 def resolve_variant(config) -> LoraVariant:
     """The variant a :class:`~megalora.config.LoraConfig` asks for (PEFT's ``resolve_lora_variant``)."""
     if config.use_qalora:
+        # PEFT's config accepts these pairs (so files round-trip) but its QALoRA
+        # forward has no DoRA and drops lora_bias: refused here, never ignored.
+        for other in ("use_dora", "lora_bias"):
+            if getattr(config, other):
+                raise ValueError(f"use_qalora=True cannot be combined with {other}=True; set one of them to False")
         return QaLora(config.qalora_group_size)
     return DORA if config.use_dora else PLAIN

@@ -167,3 +167,11 @@ def test_add_weighted_adapter_refuses_qalora():
     _, m = _pair()
     with pytest.raises(ValueError, match="add_weighted_adapter does not support use_qalora=True"):
         m.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
+
+
+@pytest.mark.parametrize("other", ["use_dora", "lora_bias"])
+def test_combinations_peft_would_ignore_are_refused(other):
+    """PEFT's config accepts them (so the config still round-trips), but its QALoRA forward drops them."""
+    config = megalora.LoraConfig(**{**QA, other: True})
+    with pytest.raises(ValueError, match=rf"use_qalora=True cannot be combined with {other}=True"):
+        megalora.get_peft_model(base_model("net"), config)
