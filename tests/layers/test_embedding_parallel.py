@@ -45,6 +45,38 @@ def _collectives(model):
     return dict(base.calls), dict(lora.calls), sync.total_calls
 
 
+def _rope_sp_oracle():
+    """TP=2+SP with rope: no learned position embedding, so the embedding reduce-scatters its output.
+
+    That is the path where the LoRA partial must join the reduce-scatter (the
+    other SP oracles have learned positions and all-reduce); same tolerances.
+    """
+    import megalora
+    from megalora.parallel_start import destroy_parallel
+
+    def build(tp, full=None):
+        megalora.init_parallel(tensor_model_parallel_size=tp, seed=1234)
+        model = G.build_gpt(G.gpt_config(tp=tp, sp=tp > 1), rope=True)
+        if full is not None:
+            G.load_full_state(model, full)
+        full = {k: v.detach().clone() for k, v in model.named_parameters()}
+        return megalora.get_peft_model(model, P._lora_config(**EMB)), full
+
+    ref, full = build(1)
+    ref_init, ref_losses, ref_final = P._adapter(ref), G.train(ref, G.batches(1) * 5), P._adapter(ref)
+    destroy_parallel()
+    par, _ = build(2, full)
+    assert par.base_model.model.embedding.word_embeddings.reduce_scatter_embeddings
+    P._assert_close_dicts(ref_init, P._adapter(par), 0.0, "init")
+    losses = G.train(par, G.batches(1) * 5)
+    for a, b in zip(ref_losses, losses):
+        assert abs(a - b) <= 1e-5 * abs(a), f"TP=1 loss {a} vs TP=2+SP (reduce-scatter) loss {b}"
+    P._assert_close_dicts(ref_final, P._adapter(par), 1e-5, "LoRA weights after training")
+    counts = _collectives(par)
+    destroy_parallel()
+    return counts
+
+
 def _tp_body(path):
     from megalora.parallel_start import destroy_parallel
     import megalora
@@ -52,7 +84,8 @@ def _tp_body(path):
     P._oracle_body(False, False, dict(EMB))
     destroy_parallel()
     P._oracle_body(True, True, dict(EMB))
-    counts = _collectives(P._build(2, True, True, **EMB)[0])
+    destroy_parallel()
+    counts = [_rope_sp_oracle(), _collectives(P._build(2, True, True, **EMB)[0])]
     destroy_parallel()
     # B's partial gradients through megatron-core's DDP and finalize_model_grads (its grad_sync tag).
     P._ddp_body(True, dict(EMB))
@@ -87,9 +120,10 @@ def _tp_body(path):
 
 
 def test_tp2_and_sp_match_tp1_merge_save_load(dist2, tmp_path):
-    for (base_calls, lora_calls, sync_calls), merged, changed, reloaded in dist2(_tp_body, str(tmp_path)):
-        assert lora_calls == base_calls, f"embedding LoRA changed the collectives: {base_calls} -> {lora_calls}"
-        assert sync_calls == 1, "the replicated grads should be reduced in one coalesced all-reduce"
+    for counts, merged, changed, reloaded in dist2(_tp_body, str(tmp_path)):
+        for base_calls, lora_calls, sync_calls in counts:  # reduce-scatter (rope) and all-reduce paths
+            assert lora_calls == base_calls, f"embedding LoRA changed the collectives: {base_calls} -> {lora_calls}"
+            assert sync_calls == 1, "the replicated grads should be reduced in one coalesced all-reduce"
         assert changed > 1e-3, "merging did not write into the sharded table"
         # fp32 rounding of reordered sums on logits of size ~1.
         assert merged < 1e-5, merged
