@@ -109,9 +109,9 @@ class LoraModel(nn.Module):
         # Layers are built (not yet swapped in) before the gather, so that what
         # a variant refuses on one stage only (QALoRA groups straddling a TP shard)
         # fails on every rank together instead of hanging the others.
-        layers = [t.module if isinstance(t.module, LoraLayer) else create_lora_layer(t.module, t.global_name, config,
-                                                                                      mcore) for t in targets]
-        problem = _tie_problem(self.model, targets, config) or _variant_problem(layers, config, adapter_name)
+        layers, problem = _build_layers(targets, config, mcore, adapter_name)
+        tie = _tie_problem(self.model, targets, config)
+        problem = ("ValueError", tie) if tie else problem
         # One gather, before anything changes: a config that selects nothing anywhere, or a
         # problem seen on one stage only, fails on every rank together; a stage without
         # matches is fine.
@@ -123,7 +123,8 @@ class LoraModel(nn.Module):
             raise ValueError(describe_no_saved_match(config, missing))
         problem = next((r[2] for r in reports if r[2]), None)
         if problem:
-            raise ValueError(problem)
+            kind, text = problem
+            raise (TypeError if kind == "TypeError" else ValueError)(text)
         for target, module in zip(targets, layers):
             if module is not target.module:
                 _set_submodule(self.model, target.local_name, module)
@@ -296,14 +297,26 @@ def _tie_problem(model: nn.Module, targets: list, config: LoraConfig) -> Optiona
     return None
 
 
-def _variant_problem(layers: list, config: LoraConfig, adapter_name: str) -> Optional[str]:
-    """The first refusal of ``config`` by one of this rank's layers (QALoRA's groups, embeddings), as text."""
-    for layer in layers:
+def _build_layers(targets: list, config: LoraConfig, mcore, adapter_name: str) -> tuple[list, Optional[tuple]]:
+    """This rank's LoRA layers for ``targets`` (not swapped in yet), and the first problem as ``(kind, text)``.
+
+    An unsupported module type (``TypeError``) or a refusal of ``config`` by a
+    layer (QALoRA's groups, embeddings) is returned, not raised, so that the
+    caller raises it on every rank after its one gather.
+    """
+    layers = []
+    for target in targets:
+        try:
+            layer = target.module if isinstance(target.module, LoraLayer) else create_lora_layer(
+                target.module, target.global_name, config, mcore)
+        except TypeError as exc:
+            return layers, ("TypeError", str(exc))
         try:
             layer.check_config(config, adapter_name)
         except (ValueError, NotImplementedError) as exc:
-            return str(exc)
-    return None
+            return layers, ("ValueError", str(exc))
+        layers.append(layer)
+    return layers, None
 
 
 def _global_rank() -> int:
