@@ -6,7 +6,8 @@ PEFT's semantics and file format (``peft.tuners.lora.layer.Embedding``): A is
 ``lora_embedding_A`` / ``lora_embedding_B``. In memory they are the layer's
 ``lora_A`` / ``lora_B`` factors like on every other layer, so init, merge,
 the tensor table and the export treat an embedding as the linear map
-``one_hot(ids) ↦ W_oi · one_hot(ids)`` with ``W_oi = weightᵀ`` (``[dim, vocab]``).
+``one_hot(ids) ↦ W_oi · one_hot(ids)`` with ``W_oi = weightᵀ`` (``[dim, vocab]``);
+``load_state_dict`` also accepts PEFT's in-memory keys (``lora_embedding_A.<adapter>``).
 As in PEFT, ``lora_dropout`` is not applied to a lookup, and ``lora_bias``,
 DoRA and QALoRA are refused on embeddings.
 
@@ -59,6 +60,20 @@ class _EmbeddingLora:
 
     # Set by the model when the output layer reads this embedding's table (tied embeddings).
     tied_output = False
+
+    def _accept_peft_keys(self) -> None:
+        """Let ``load_state_dict`` take PEFT's in-memory keys (``lora_embedding_A.<adapter>``) too."""
+
+        def hook(module, state_dict, prefix, *_args):
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                rest = key[len(prefix):]
+                # The unwrapped-keys hook (registered first) has moved them under base_layer.
+                rest = rest[len("base_layer."):] if rest.startswith("base_layer.lora_embedding_") else rest
+                head, _, adapter = rest.partition(".")
+                if head in ("lora_embedding_A", "lora_embedding_B") and adapter and "." not in adapter:
+                    state_dict[f"{prefix}lora_{head[-1]}.{adapter}.weight"] = state_dict.pop(key)
+
+        self.register_load_state_dict_pre_hook(hook)
 
     def check_config(self, config, adapter: str) -> None:
         problem = _embedding_problem(self, config)
@@ -117,6 +132,10 @@ class _EmbeddingLora:
 class LoraEmbedding(_EmbeddingLora, LoraLayer):
     """LoRA on a ``torch.nn.Embedding`` (PEFT's ``lora.Embedding``)."""
 
+    def __init__(self, base_layer: nn.Module, *, global_name: str = ""):
+        super().__init__(base_layer, global_name=global_name)
+        self._accept_peft_keys()
+
     def _full_features(self) -> tuple[int, int]:
         base = self.get_base_layer()
         return base.num_embeddings, base.embedding_dim
@@ -147,6 +166,10 @@ class LoraVocabParallelEmbedding(_EmbeddingLora, _ParallelLoraLayer):
 
     a_spec = ShardSpec(dim=1)
     b_output_is_partial = True
+
+    def __init__(self, base_layer: nn.Module, *, global_name: str = ""):
+        super().__init__(base_layer, global_name=global_name)
+        self._accept_peft_keys()
 
     def _full_features(self) -> tuple[int, int]:
         base = self.get_base_layer()

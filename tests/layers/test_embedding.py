@@ -52,16 +52,10 @@ def _copy(module):
 
 
 def _sync(p, m):
-    """Perturb megalora's factors and give PEFT the same (PEFT keeps embedding factors as bare parameters)."""
-    perturb(m)
-    ps, ms = p.state_dict(), m.state_dict()
-    with torch.no_grad():
-        for key, value in ms.items():
-            if ".lora_" not in key:
-                continue
-            peft_key = key.replace("emb.lora_A.default.weight", "emb.lora_embedding_A.default").replace(
-                "emb.lora_B.default.weight", "emb.lora_embedding_B.default")
-            ps[peft_key].copy_(value)
+    """Perturb PEFT's factors and load PEFT's own state dict (its in-memory keys) into megalora."""
+    perturb(p)
+    missing, unexpected = m.load_state_dict(p.state_dict(), strict=False)
+    assert not unexpected and not [k for k in missing if ".lora_" in k], (missing, unexpected)
 
 
 def test_init_matches_peft_scheme():
