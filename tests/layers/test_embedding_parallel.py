@@ -23,6 +23,41 @@ from tests.layers import test_parallel as P
 EMB = dict(target_modules=["word_embeddings", "linear_qkv", "linear_fc2"], init_lora_weights=True)
 
 
+def lora_grads(model) -> dict:
+    """Collective: every LoRA factor's full gradient after one backward and ``sync_lora_grads``.
+
+    The oracles compare weights after Adam steps, which a uniform scale of a
+    gradient (a partial sum averaged instead of summed) leaves almost
+    unchanged; gradients show it.
+    """
+    import megalora
+    from megalora.sharding import gather_full
+
+    model.zero_grad()
+    G.lm_loss(model, G.batches(1)[0]).backward()
+    megalora.sync_lora_grads(model)
+    out = {}
+    for _, layer in model.base_model.lora_layers():
+        for e in layer.tensors("default"):
+            out[f"{e.global_name}.{e.saved_key}"] = gather_full(e.param.grad.detach(), e.spec, e.group).clone()
+    model.zero_grad()
+    return out
+
+
+def assert_grads_close(ref: dict, got: dict, what: str) -> None:
+    """Relative to each gradient's largest entry.
+
+    Taken after the 5 training steps (at init an embedding's A is zero, so
+    B's gradient is too): the weights then agree to ~1e-5, so 1e-4 relative;
+    a partial sum averaged instead of summed is off by 50%.
+    """
+    assert ref.keys() == got.keys(), what
+    for key in ref:
+        scale = ref[key].abs().max().item()
+        diff = (ref[key] - got[key]).abs().max().item()
+        assert scale > 0 and diff <= 1e-4 * scale, f"{what}: gradient of {key} differs by {diff} (max {scale})"
+
+
 def _collectives(model):
     from megalora.testing.collective_counter import count_collectives
     import megalora
@@ -64,6 +99,7 @@ def _rope_sp_oracle():
 
     ref, full = build(1)
     ref_init, ref_losses, ref_final = P._adapter(ref), G.train(ref, G.batches(1) * 5), P._adapter(ref)
+    ref_grads = lora_grads(ref)
     destroy_parallel()
     par, _ = build(2, full)
     assert par.base_model.model.embedding.word_embeddings.reduce_scatter_embeddings
@@ -72,6 +108,7 @@ def _rope_sp_oracle():
     for a, b in zip(ref_losses, losses):
         assert abs(a - b) <= 1e-5 * abs(a), f"TP=1 loss {a} vs TP=2+SP (reduce-scatter) loss {b}"
     P._assert_close_dicts(ref_final, P._adapter(par), 1e-5, "LoRA weights after training")
+    assert_grads_close(ref_grads, lora_grads(par), "TP=2+SP (reduce-scatter)")
     counts = _collectives(par)
     destroy_parallel()
     return counts
