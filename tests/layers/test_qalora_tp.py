@@ -31,6 +31,18 @@ def _qalora_body():
     _oracle_body(True, True, dict(QA, lora_dropout=0.0, use_rslora=True))
     destroy_parallel()
 
+    # Gradients too (Adam would hide a uniformly mis-scaled replicated factor's gradient).
+    from tests.layers.test_embedding_parallel import assert_grads_close, lora_grads
+
+    ref, full = _build(1, False, True, **QA)
+    G.train(ref, G.batches(2))
+    ref_grads = lora_grads(ref)
+    destroy_parallel()
+    par, _ = _build(2, True, True, full=full, **QA)
+    G.train(par, G.batches(2))
+    assert_grads_close(ref_grads, lora_grads(par), "QALoRA TP=2+SP")
+    destroy_parallel()
+
     model, _ = _build(2, False, True, **QA)
     G.train(model, G.batches(2))
     tokens = G.batches(1, seed=9)[0][0]
