@@ -101,7 +101,8 @@ def _gather_adapter(layer: LoraLayer, adapter: str, norms: bool = False) -> Opti
     table = {e.role: e for e in layer.tensors(adapter)}
     out = {"a": _gather(layer, table["A"].param, table["A"].spec),
            "b": _gather(layer, table["B"].param, table["B"].spec),
-           "scale": layer.scaling[adapter], "magnitude": None, "norm": None}
+           "scale": layer.scaling[adapter], "magnitude": None, "norm": None,
+           "groups": layer.lora_variant[adapter].groups(layer)}
     if "magnitude" in table:
         out["magnitude"] = _gather(layer, table["magnitude"].param, table["magnitude"].spec)
         if norms:
@@ -110,7 +111,7 @@ def _gather_adapter(layer: LoraLayer, adapter: str, norms: bool = False) -> Opti
 
 
 def _delta(f: dict) -> torch.Tensor:
-    return lora_math.delta_weight(f["a"], f["b"], f["scale"])
+    return lora_math.delta_weight(f["a"], f["b"], f["scale"], f["groups"])
 
 
 def _merged_weight(layer: LoraLayer, adapters: list[str], spec: ShardSpec) -> Optional[torch.Tensor]:
@@ -119,7 +120,10 @@ def _merged_weight(layer: LoraLayer, adapters: list[str], spec: ShardSpec) -> Op
     One ΔW at a time, built into its own buffer: the extra memory is about
     one full weight (DoRA's norm needs two more, briefly).
     """
-    weight = _gather(layer, layer.base_weight_oi(), spec)
+    # Gathered in the base layer's own layout (``spec`` is its), then viewed as
+    # [out, in]: an embedding's table is [vocab, dim], split on the vocabulary.
+    weight = _gather(layer, layer.get_base_layer().weight, spec)
+    weight = None if weight is None else layer._to_base_layout(weight)
     factors = [_gather_adapter(layer, a) for a in adapters]
     needs_pristine = layer.merged_adapters and any(not layer.lora_variant[a].fusable for a in adapters)
     merged = [_gather_adapter(layer, a, norms=True) for a in layer.merged_adapters] if needs_pristine else []
@@ -188,6 +192,9 @@ def _lora_entries(layer: LoraLayer, prefix: str, adapters, dtype, problems: list
         out.append(_Entry(key, shape, dtype or param.dtype, make))
     if any(layer.lora_bias.get(a) for a in todo) and getattr(base, "bias", None) is None:
         problems.append(f"{prefix}: adapters {todo} have lora_bias but the base layer has no bias to merge it into")
+    if todo and getattr(layer, "tied_output", False):
+        problems.append(f"{prefix}weight: the output layer is tied to these embeddings, so merging {todo} into "
+                        "them would change the output layer too: export the adapter unmerged, or untie them")
     if todo and getattr(base, "weight", None) is None:
         problems.append(f"{prefix}weight is tied to the word embeddings (the layer has no weight of its own); "
                         f"adapters {todo} cannot be merged into it: leave it out of target_modules")

@@ -49,16 +49,46 @@ def from_out_in(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
-def delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+def delta_weight(
+    a: torch.Tensor, b: torch.Tensor, scale: float, groups: Optional[tuple[int, int]] = None
+) -> torch.Tensor:
     """A fresh ``scale · B @ A`` (``[out, in]``).
 
     CPU half-precision matmuls are slow and lossy, so they run in fp32 and the
     result is cast back. The scale multiplies the product (PEFT's order), so
     results match PEFT's bit for bit.
+
+    Args:
+        groups: QALoRA's ``(group_size, n_groups)``, with ``n_groups`` the
+            *full* layer's ``in_features / group_size``. QALoRA feeds A the
+            mean of each group of ``group_size`` contiguous input features
+            times ``n_groups``, so ΔW is ``B @ A`` with every column repeated
+            ``group_size`` times and scaled by ``n_groups / group_size``:
+            constant within each input group, hence mergeable exactly (a
+            group-wise quantized base stays group-wise structured).
     """
     if b.device.type == "cpu" and b.dtype in (torch.float16, torch.bfloat16):
-        return (b.float() @ a.float()).mul_(scale).to(b.dtype)
-    return (b @ a).mul_(scale)
+        delta = (b.float() @ a.float()).mul_(scale)
+        return delta.to(b.dtype) if groups is None else expand_groups(delta, groups).to(b.dtype)
+    delta = (b @ a).mul_(scale)
+    return delta if groups is None else expand_groups(delta, groups)
+
+
+def expand_groups(delta: torch.Tensor, groups: tuple[int, int]) -> torch.Tensor:
+    """QALoRA's ``[out, in / g]`` pooled ΔW as the ``[out, in]`` weight it equals (see :func:`delta_weight`)."""
+    group_size, n_groups = groups
+    return delta.repeat_interleave(group_size, dim=1).mul_(n_groups / group_size)
+
+
+def pool_groups(x: torch.Tensor, group_size: int, n_groups: int) -> torch.Tensor:
+    """QALoRA's input: the mean of each ``group_size`` contiguous features, times ``n_groups``.
+
+    ``n_groups`` is the full layer's group count, also on a row-parallel
+    shard that sees only some groups (PEFT's ``x_pooled * pooled_features``).
+    """
+    shape = x.shape
+    pooled = x.reshape(-1, shape[-1] // group_size, group_size).mean(dim=2) * n_groups
+    return pooled.view(*shape[:-1], pooled.shape[-1])
 
 
 def row_norm(weight: torch.Tensor, reduce: Reduce = _identity, inplace: bool = False) -> torch.Tensor:

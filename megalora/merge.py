@@ -145,6 +145,9 @@ def _check(lora_model, adapters, combination_type, svd_rank):
             raise ValueError(f"Adapter {adapter} does not exist")
         if configs[adapter].target_parameters:
             raise ValueError(f"add_weighted_adapter does not support target_parameters (adapter {adapter!r})")
+        if configs[adapter].use_qalora:
+            raise ValueError(f"add_weighted_adapter does not support use_qalora=True (adapter {adapter!r}): its ΔW "
+                             "is not B @ A on the layer's input; merge it with merge_adapter instead")
     wrappers = [w for _, w in lora_model.saved_module_wrappers()]
     if any(sum(a in w.modules_to_save for a in adapters) > 1 for w in wrappers):
         raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save")

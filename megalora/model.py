@@ -19,6 +19,7 @@ from .collectives import all_gather_objects, group_rank
 from .config import LoraConfig
 from .initializers.base_weight import init_adapter_from_base, reads_base_weight
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
+from .layers.embedding import mark_tied_embeddings
 from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
                                      unwrap)
 from .replica_sharing import restore_shared, unshare_for_merge
@@ -108,23 +109,28 @@ class LoraModel(nn.Module):
         saved = [(name, module, self._tie_plan(name, config)) for name, module in saved]
         names = global_module_names(self.model)
         untied = [names[name] for name, _, plan in saved if plan is not None]
+        # Layers are built (not yet swapped in) before the gather, so that what
+        # a variant refuses on one stage only (QALoRA groups straddling a TP shard)
+        # fails on every rank together instead of hanging the others.
+        layers, problem = _build_layers(targets, config, mcore, adapter_name)
+        tie = grouped_problem or _tie_problem(self.model, targets, config)
+        problem = ("ValueError", tie) if tie else problem
         # One gather, before anything changes: a config that selects nothing anywhere, or a
         # problem seen on one stage only, fails on every rank together; a stage without
         # matches is fine.
-        reports = all_gather_objects((len(targets), saved_counts,
-                                      grouped_problem or _tie_problem(self.model, targets, config), untied))
+        reports = all_gather_objects((len(targets), saved_counts, problem, untied))
+        # Before the no-match check: a refused target (grouped experts) can be why nothing matched.
         problem = next((r[2] for r in reports if r[2]), None)
         if problem:
-            raise ValueError(problem)
+            kind, text = problem
+            raise (TypeError if kind == "TypeError" else ValueError)(text)
         if sum(r[0] for r in reports) == 0:
             raise ValueError(describe_no_match(config))
         missing = [e for i, e in enumerate(config.modules_to_save or []) if not any(r[1][i] for r in reports)]
         if missing:
             raise ValueError(describe_no_saved_match(config, missing))
-        for target in targets:
-            module = target.module
-            if not isinstance(module, LoraLayer):
-                module = create_lora_layer(module, target.global_name, config, mcore)
+        for target, module in zip(targets, layers):
+            if module is not target.module:
                 _set_submodule(self.model, target.local_name, module)
             module.update_layer(adapter_name, config, r=target.r, lora_alpha=target.alpha, seed=self.seed)
             dtype = _params_dtype(config.megatron_config)
@@ -144,6 +150,7 @@ class LoraModel(nn.Module):
         untied = sorted({name for r in reports for name in r[3]})
         if untied and group_rank(dist.group.WORLD) == 0:
             logger.warning(untied_message(untied))
+        mark_tied_embeddings(self.model)
         self.peft_config[adapter_name] = config
         self._mark_only_adapters_as_trainable(config)
 
@@ -319,6 +326,28 @@ def _tie_problem(model: nn.Module, targets: list, config: LoraConfig) -> Optiona
                     f"(share_embeddings_and_output_weights) and has no weight of its own; {fix} or "
                     f"remove {leaf!r} from target_modules")
     return None
+
+
+def _build_layers(targets: list, config: LoraConfig, mcore, adapter_name: str) -> tuple[list, Optional[tuple]]:
+    """This rank's LoRA layers for ``targets`` (not swapped in yet), and the first problem as ``(kind, text)``.
+
+    An unsupported module type (``TypeError``) or a refusal of ``config`` by a
+    layer (QALoRA's groups, embeddings) is returned, not raised, so that the
+    caller raises it on every rank after its one gather.
+    """
+    layers = []
+    for target in targets:
+        try:
+            layer = target.module if isinstance(target.module, LoraLayer) else create_lora_layer(
+                target.module, target.global_name, config, mcore)
+        except TypeError as exc:
+            return layers, ("TypeError", str(exc))
+        try:
+            layer.check_config(config, adapter_name)
+        except (ValueError, NotImplementedError) as exc:
+            return layers, ("ValueError", str(exc))
+        layers.append(layer)
+    return layers, None
 
 
 def _global_rank() -> int:

@@ -22,6 +22,7 @@ from torch import nn
 from .config import LoraConfig
 from .experts import expert_index_map
 from .layers import LoraLayer, is_supported_linear
+from .layers.dispatch import is_supported_module
 
 ALL_LINEAR = "all-linear"
 # Output heads that "all-linear" leaves out, as PEFT does with the output embedding.
@@ -266,7 +267,7 @@ def find_targets(model: nn.Module, config: LoraConfig, mcore=None) -> list[Targe
             isinstance(module, LoraLayer) or is_supported_linear(module, mcore))
         if not (by_param or is_target(config, global_name, targets)):
             continue
-        if not (isinstance(module, LoraLayer) or is_supported_linear(module, mcore)):
+        if not (isinstance(module, LoraLayer) or is_supported_module(module, mcore)):
             # PEFT raises for an unsupported type it matched; we only skip
             # containers matched by a broad regex, and fail on leaves.
             if any(True for _ in module.children()):

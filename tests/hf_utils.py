@@ -126,7 +126,9 @@ def perturb_lora(peft_model, seed: int = 3, scale: float = 0.05) -> None:
                 continue
             for adapter in layer.lora_A:
                 tags = {"B": "B", "magnitude": "m"}
-                entries = [(e.param, e.spec, tags[e.role]) for e in layer.tensors(adapter) if e.role in tags]
+                # A too where it starts at zero (PEFT's embedding init), so that the adapter acts.
+                entries = [(e.param, e.spec, tags.get(e.role, e.role)) for e in layer.tensors(adapter)
+                           if e.role in tags or (e.role == "A" and not e.param.any())]
                 for param, spec, tag in entries:
                     full_shape = list(param.shape)
                     if spec.sharded:

@@ -343,7 +343,6 @@ def test_to_json_string_matches_file(tmp_path):
 UNIMPLEMENTED = [
     (dict(init_lora_weights="lora_ga"), "init_lora_weights='lora_ga'"),
     (dict(init_lora_weights="mica"), "init_lora_weights='mica'"),
-    (dict(use_qalora=True), "use_qalora"),
     (dict(trainable_token_indices=[1]), "trainable_token_indices"),
     (dict(alora_invocation_tokens=[1], task_type="CAUSAL_LM"), "alora_invocation_tokens"),
     (dict(ensure_weight_tying=True), "ensure_weight_tying"),

@@ -18,13 +18,18 @@ from tests import io_utils as U
 DEFAULT = dict(layers_to_transform=[0, 2, 3], rank_pattern={"layers.3.mlp.linear_fc1": 8},
                modules_to_save=["output_layer"])
 DORA = dict(r=2, lora_alpha=4, use_dora=True, target_modules=["linear_fc1", "linear_proj"])
+# A vocab-split embedding LoRA, and QALoRA's A split along the pooled input of a row-parallel layer.
+EXTRA = {"dora": DORA, "emb": dict(r=2, lora_alpha=4, target_modules=["word_embeddings"]),
+         "qalora": dict(r=2, lora_alpha=4, use_qalora=True, qalora_group_size=16, target_modules=["linear_fc2"])}
+ADAPTERS = ("default", *EXTRA)
 
 
 def _adapted(model):
     import megalora
 
     peft = megalora.get_peft_model(model, U.lora_config(**DEFAULT))
-    peft.add_adapter("dora", U.lora_config(**DORA))
+    for name, config in EXTRA.items():
+        peft.add_adapter(name, U.lora_config(**config))
     return peft
 
 
@@ -47,9 +52,9 @@ def _round_trip_body(root: str):
 
     full = U.reference_weights()
     peft = _adapted(U.build(full, tp=2))
-    for adapter in ("default", "dora"):
+    for adapter in ADAPTERS:
         U.perturb(peft, adapter)
-    saved = {a: U.gathered(peft, a) for a in ("default", "dora")}
+    saved = {a: U.gathered(peft, a) for a in ADAPTERS}
     path = os.path.join(root, "ckpt")
     save_adapter_dist_checkpoint(peft, path)
     errors = {}
@@ -64,7 +69,7 @@ def _round_trip_body(root: str):
         peft = _adapted(U.build(full, **layout))
         before = U.gathered(peft, "default")
         load_adapter_dist_checkpoint(peft, path)
-        for adapter in ("default", "dora"):
+        for adapter in ADAPTERS:
             got = U.gathered(peft, adapter)
             assert got.keys() == saved[adapter].keys(), (name, sorted(got.keys() ^ saved[adapter].keys())[:4])
             for key in got:

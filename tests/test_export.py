@@ -26,8 +26,12 @@ SAVED = dict(modules_to_save=["output_layer"])
 EXTRA = {
     "dora": dict(r=2, lora_alpha=4, use_dora=True, target_modules=["linear_fc1", "linear_proj"]),
     "bias": dict(r=2, lora_alpha=2, lora_bias=True, target_modules=["linear_qkv", "linear_fc2"]),
+    # QALoRA's ΔW expanded over its input groups (fc2 is row-parallel: pooled shards);
+    # embedding LoRA merged into the vocab-split table (small alpha: init False is N(0, 1)).
+    "qalora": dict(r=2, lora_alpha=4, use_qalora=True, qalora_group_size=16, target_modules=["linear_qkv", "linear_fc2"]),
+    "emb": dict(r=2, lora_alpha=0.1, target_modules=["word_embeddings"]),
 }
-ADAPTERS = ["default", "dora", "bias"]
+ADAPTERS = ["default", "dora", "bias", "qalora", "emb"]
 # The tiny GPT has 4 heads, so TP=2 stands for TP=3 here (the HF test below runs TP=3).
 LAYOUTS = {"tp1": {}, "tp2": dict(tp=2), "pp2": dict(pp=2), "pp2-vpp2": dict(pp=2, vpp=2)}
 SHARD = 60_000  # bytes: several shards for a 4-layer hidden-64 model

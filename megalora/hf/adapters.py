@@ -20,6 +20,13 @@ the A matrices are equal (an adapter that megalora exported) the import keeps
 rank r. A per-module scale ``alpha/r`` different from the fused one is folded
 into that module's block of B. DoRA magnitudes are per output row, so they
 concatenate exactly. Nothing is approximated.
+
+**Embeddings.** An embedding LoRA (``lora_embedding_A`` / ``lora_embedding_B``)
+is one module on both sides (``embed_tokens`` / ``wte`` ↔
+``embedding.word_embeddings``) and is copied as is. PEFT also saves the frozen
+base table of a targeted embedding; the import skips it (the model has it).
+QALoRA adapters import (PEFT makes them on GPTQ models) but do not export:
+PEFT ignores ``use_qalora`` on ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ from .expert_adapters import describe_parameters, export_experts, import_experts
 from .export import find_hf_config, model_chunks
 
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
+# An embedding LoRA (PEFT's lora.Embedding): copied as is, the embedding being one module on both sides.
+EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 
 
 def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -52,7 +61,11 @@ def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[st
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         body = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        suffix = next((s for s in SUFFIXES if body.endswith("." + s)), None)
+        if body.endswith(".base_layer.weight"):
+            # PEFT also saves the (frozen) base table of a targeted embedding
+            # (save_embedding_layers='auto'); the model already holds it.
+            continue
+        suffix = next((s for s in SUFFIXES + EMBEDDING_SUFFIXES if body.endswith("." + s)), None)
         if suffix is None and body.endswith(".bias"):
             raise ValueError(
                 f"{source}: tensor {key!r} is a trained model bias (saved for bias='all' or 'lora_only'); the HF "
@@ -61,7 +74,8 @@ def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[st
         if suffix is None:
             raise ValueError(
                 f"{source}: tensor {key!r} is not a LoRA factor of a linear layer (lora_A/lora_B/"
-                "lora_magnitude_vector); embedding LoRA, modules_to_save and other PEFT methods are not supported"
+                "lora_magnitude_vector) or of an embedding (lora_embedding_A/B); modules_to_save and other PEFT "
+                "methods are not supported"
             )
         out.setdefault(body[: -len(suffix) - 1], {})[suffix] = tensor
     return out
@@ -161,8 +175,13 @@ def hf_adapter_from_mcore(arch: Arch, state: dict, ranks: dict, config: LoraConf
     hf_state.update(expert_state)
     for module, tensors in sorted(modules.items()):
         _, hprefix, rule = arch.rule_for_mcore(module)
+        if _is_embedding_lora(rule, tensors):
+            for suffix, tensor in tensors.items():
+                hf_state[f"{PREFIX}{hprefix}{rule.hf[0]}.{suffix}"] = tensor
+            hf_ranks[hprefix + rule.hf[0]] = ranks[module]
+            continue
         if not rule.linear:
-            raise ValueError(f"{module} is not a linear layer; only linear LoRA exports to HF PEFT")
+            raise ValueError(f"{module} is not a linear layer; only linear and embedding LoRA export to HF PEFT")
         r, alpha = ranks[module]
         parts = list(zip(rule.hf, _split_factors(arch, rule, tensors, r, alpha, config.use_rslora, compact)))
         if compact:
@@ -180,7 +199,7 @@ def hf_adapter_from_mcore(arch: Arch, state: dict, ranks: dict, config: LoraConf
 def _target_fields(arch: Arch, hf_ranks: dict, expert_params: dict) -> dict:
     """PEFT config fields selecting the HF modules (``target_modules``) and expert tensors (``target_parameters``)."""
     if hf_ranks:
-        fields = describe_targets(hf_ranks, arch.linear_hf_modules(), arch.hf_layer_prefix)
+        fields = describe_targets(hf_ranks, _universe(arch.linear_hf_modules(), hf_ranks), arch.hf_layer_prefix)
     else:
         r, alpha = Counter(expert_params.values()).most_common(1)[0][0]
         fields = dict(target_modules=[], layers_to_transform=None, r=r, lora_alpha=alpha, rank_pattern={},
@@ -193,6 +212,16 @@ def _target_fields(arch: Arch, hf_ranks: dict, expert_params: dict) -> dict:
             if alpha != fields["lora_alpha"]:
                 fields["alpha_pattern"][re.escape(name)] = alpha
     return fields
+
+
+def _is_embedding_lora(rule, tensors: dict) -> bool:
+    """Whether ``tensors`` are an embedding LoRA on ``rule``'s one-to-one embedding module."""
+    return not rule.linear and len(rule.hf) == 1 and set(tensors) <= set(EMBEDDING_SUFFIXES)
+
+
+def _universe(modules: list[str], ranks: dict) -> list[str]:
+    """The modules target names are matched in: every linear one, and the adapted embeddings."""
+    return modules + sorted(set(ranks) - set(modules))
 
 
 def _local_ranks(peft_model, adapter: str) -> dict[str, tuple[int, float]]:
@@ -228,11 +257,14 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
     problem = None
     if config.modules_to_save:
         problem = "exporting modules_to_save to HF PEFT is not supported; train an adapter without modules_to_save"
+    elif config.use_qalora:
+        problem = ("exporting a QALoRA adapter to HF PEFT is not supported: PEFT applies use_qalora to GPTQ layers only "
+                   "and ignores it on nn.Linear; export the merged model instead (save_hf_pretrained)")
     convert = reads_base_weight(config.init_lora_weights) or config.init_lora_weights == "corda"
     if config.init_lora_weights == "loftq":
         problem = ("an adapter initialized with LoftQ applies to the quantized base, which HF PEFT does not "
                    "rebuild; export the merged model instead (megalora export)")
-    elif convert:
+    elif convert and problem is None:
         problem = check_convertible(config, None)
     agree_or_raise(problem)
     state, error = gather_stages(adapter_state_dict(peft_model, adapter_name), expert_keys(peft_model, adapter_name))
@@ -324,6 +356,7 @@ def mcore_adapter_from_hf(arch: Arch, peft_config: LoraConfig, state: dict, sour
     where = arch.hf_module_to_mcore()
     grouped: dict[str, dict[int, tuple]] = {}
     out, ranks = {}, {}
+    embeddings: dict[str, tuple] = {}
     for hf_module, tensors in _by_module(state, source).items():
         expert = import_experts(hf_module, tensors, peft_config.target_parameters, arch.num_experts,
                                 arch.hf_layer_prefix) if arch.num_experts else None
@@ -337,6 +370,13 @@ def mcore_adapter_from_hf(arch: Arch, peft_config: LoraConfig, state: dict, sour
             continue
         if hf_module not in where:
             raise ValueError(f"{source}: module {hf_module!r} is not a linear layer of the HF {arch.model_type} model")
+        module, _ = where[hf_module]
+        if _is_embedding_lora(arch.rule_for_mcore(module)[2], tensors):
+            if set(tensors) != set(EMBEDDING_SUFFIXES):
+                raise ValueError(f"{source}: {hf_module} lacks lora_embedding_A or lora_embedding_B")
+            alpha = pattern_value(peft_config.alpha_pattern, hf_module, peft_config.lora_alpha)
+            embeddings[module] = (tensors, tensors["lora_embedding_A"].shape[0], alpha)
+            continue
         if "lora_A.weight" not in tensors or "lora_B.weight" not in tensors:
             raise ValueError(f"{source}: {hf_module} lacks lora_A or lora_B")
         r = tensors["lora_A.weight"].shape[0]
@@ -347,6 +387,10 @@ def mcore_adapter_from_hf(arch: Arch, peft_config: LoraConfig, state: dict, sour
         _, _, rule = arch.rule_for_mcore(module)
         fused, r, alpha = _fuse_adapters(arch, rule, parts, peft_config.use_rslora, module)
         for suffix, tensor in fused.items():
+            out[f"{PREFIX}{module}.{suffix}"] = tensor
+        ranks[module] = (r, alpha)
+    for module, (tensors, r, alpha) in embeddings.items():
+        for suffix, tensor in tensors.items():
             out[f"{PREFIX}{module}.{suffix}"] = tensor
         ranks[module] = (r, alpha)
     return out, ranks
@@ -381,11 +425,12 @@ def import_peft_adapter(model, directory: str, adapter_name: str = "default", hf
         problem = f"{directory}: modules_to_save={peft_config.modules_to_save} is not supported by the HF import"
     agree_or_raise(problem)
     state, ranks = mcore_adapter_from_hf(arch, peft_config, read_adapter_tensors(directory), directory)
-    fields = describe_targets(ranks, arch.linear_mcore_modules(), MCORE_LAYER_PREFIX)
+    fields = describe_targets(ranks, _universe(arch.linear_mcore_modules(), ranks), MCORE_LAYER_PREFIX)
     config = LoraConfig(
         task_type="CAUSAL_LM", base_model_name_or_path=peft_config.base_model_name_or_path,
         lora_dropout=peft_config.lora_dropout, use_rslora=peft_config.use_rslora, use_dora=peft_config.use_dora,
-        lora_bias=peft_config.lora_bias, bias=peft_config.bias, init_lora_weights=True, **fields,
+        lora_bias=peft_config.lora_bias, bias=peft_config.bias, init_lora_weights=True,
+        use_qalora=peft_config.use_qalora, qalora_group_size=peft_config.qalora_group_size, **fields,
     )
     with tempfile.TemporaryDirectory(prefix="megalora-import-") as tmp:
         write_adapter(tmp, config, state)

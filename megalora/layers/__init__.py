@@ -3,7 +3,8 @@
 :func:`create_lora_layer` picks the layer type for a base module from an
 ordered list that :func:`register_lora_layer` extends
 (:mod:`megalora.layers.dispatch`); what an adapter adds beyond ``B @ A``
-(DoRA) is a variant object (:mod:`megalora.layers.variants`).
+(DoRA, QALoRA) is a variant object (:mod:`megalora.layers.variants`).
+Embeddings have their own layers (:mod:`megalora.layers.embedding`).
 """
 
 from __future__ import annotations

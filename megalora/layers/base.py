@@ -67,6 +67,10 @@ class LoraLayer(LoraWeights, BaseLayerFace):
     # Whether B's output is a partial sum that the base layer reduces later;
     # lora_bias must then be added after that reduction, not before.
     b_output_is_partial = False
+    # Whether forward runs each adapter through its variant object
+    # (``_apply_adapters``); TE layers with their own LoRA path do not, so a
+    # variant that changes the forward (QALoRA) refuses them.
+    runs_variants = True
 
     def __init__(self, base_layer: nn.Module, tp_group=None, *, global_name: str = "", out_chunks: int = 1):
         super().__init__()
@@ -131,6 +135,11 @@ class LoraLayer(LoraWeights, BaseLayerFace):
         return self._full_features()[1]
 
     @property
+    def local_in_features(self) -> int:
+        """The input features this rank sees (the full input unless A is split along it)."""
+        return self.in_features // self.tp_size if self.a_spec.dim == 1 else self.in_features
+
+    @property
     def tp_rank(self) -> int:
         return group_rank(self.tp_group)
 
@@ -184,7 +193,7 @@ class LoraLayer(LoraWeights, BaseLayerFace):
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r} for adapter {adapter_name!r}")
         variant = resolve_variant(config)
-        variant.check(self, adapter_name)
+        self.check_config(config, adapter_name)
         if config.lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
             warnings.warn(
                 f"lora_bias=True on {self.global_name or type(self.get_base_layer()).__name__}, which has no bias: "
@@ -192,7 +201,7 @@ class LoraLayer(LoraWeights, BaseLayerFace):
             )
         in_full, out_full = self._full_features()
         gen = init_generator(seed, self.global_name, adapter_name)
-        a, b, bias = draw_full_factors(config.init_lora_weights, r, in_full, out_full, config.lora_bias, gen)
+        a, b, bias = self._draw_factors(config, r, variant.a_features(in_full), out_full, gen)
         # dtype/device from any base parameter: an output layer tied to the
         # embeddings has no weight of its own.
         ref = next(self.get_base_layer().parameters(), None)
@@ -219,6 +228,18 @@ class LoraLayer(LoraWeights, BaseLayerFace):
         variant.init(self, adapter_name, like)
         self._tag_parameters(adapter_name)
         self.set_adapter(self.active_adapters or [adapter_name], inference_mode=config.inference_mode)
+
+    def check_config(self, config, adapter_name: str) -> None:
+        """Raise if this layer cannot carry ``config`` (its variant's refusals); changes nothing.
+
+        :class:`~megalora.model.LoraModel` calls it on every rank before its one
+        gather, so a refusal on one pipeline stage fails every rank together.
+        """
+        resolve_variant(config).check(self, adapter_name)
+
+    def _draw_factors(self, config, r: int, a_in: int, out_full: int, gen: torch.Generator):
+        """Full fp32 ``(A [r, a_in], B [out, r], B's bias or None)``; embeddings draw PEFT's own way."""
+        return draw_full_factors(config.init_lora_weights, r, a_in, out_full, config.lora_bias, gen)
 
     # ------------------------------------------------------------------ the tensor table
 

@@ -3,7 +3,8 @@
 The first entry whose predicate accepts a module builds its LoRA layer. The
 built-in entries cover ``torch.nn.Linear``, transformers' ``Conv1D``,
 megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear`` and their
-Transformer Engine counterparts; :func:`register_lora_layer` adds a user's
+Transformer Engine counterparts, ``torch.nn.Embedding`` and megatron-core's
+``VocabParallelEmbedding`` (:mod:`megalora.layers.embedding`); :func:`register_lora_layer` adds a user's
 own module types (ahead of the built-ins by default) without editing megalora.
 """
 
@@ -79,6 +80,14 @@ def _is_plain(module, mcore) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def _is_vocab_parallel_embedding(module, mcore) -> bool:
+    return mcore is not None and isinstance(module, mcore.tensor_parallel.VocabParallelEmbedding)
+
+
+def _is_embedding(module, mcore) -> bool:
+    return isinstance(module, nn.Embedding)
+
+
 def _te_norm_column(module, ctx: LayerContext) -> LoraLayer:
     from .te import LoraColumnCallingBase, layernorm_of
 
@@ -110,6 +119,18 @@ def _row(module, ctx: LayerContext) -> LoraLayer:
     return LoraRowParallelLinear(module, global_name=ctx.global_name)
 
 
+def _vocab_parallel_embedding(module, ctx: LayerContext) -> LoraLayer:
+    from .embedding import LoraVocabParallelEmbedding
+
+    return LoraVocabParallelEmbedding(module, global_name=ctx.global_name)
+
+
+def _embedding(module, ctx: LayerContext) -> LoraLayer:
+    from .embedding import LoraEmbedding
+
+    return LoraEmbedding(module, global_name=ctx.global_name)
+
+
 def _plain(module, ctx: LayerContext) -> LoraLayer:
     fan_in_fan_out = bool(getattr(ctx.config, "fan_in_fan_out", False))
     return LoraLinear(module, fan_in_fan_out, global_name=ctx.global_name)
@@ -123,6 +144,8 @@ _BUILTIN: list[_Entry] = [
     (_is_column, _column),
     (_is_row, _row),
     (_is_plain, _plain),
+    (_is_vocab_parallel_embedding, _vocab_parallel_embedding),
+    (_is_embedding, _embedding),
 ]
 _USER: list[_Entry] = []
 
@@ -168,7 +191,7 @@ def _factory_for(module: nn.Module, mcore) -> Optional[Factory]:
     return next((factory for predicate, factory in _entries() if predicate(module, mcore)), None)
 
 
-def is_supported_linear(module: nn.Module, mcore=None) -> bool:
+def is_supported_module(module: nn.Module, mcore=None) -> bool:
     """Whether megalora can put LoRA on ``module`` (some entry's predicate accepts it)."""
     return _factory_for(module, mcore) is not None
 
@@ -176,6 +199,12 @@ def is_supported_linear(module: nn.Module, mcore=None) -> bool:
 def _is_moe_router(module: nn.Module) -> bool:
     """A megatron-core MoE router (``TopKRouter`` and kin): a gating weight ``[num_experts, hidden]``."""
     return type(module).__name__.endswith("Router") and hasattr(module, "weight") and hasattr(module, "topk")
+
+
+def is_supported_linear(module: nn.Module, mcore=None) -> bool:
+    """:func:`is_supported_module`, embeddings left out (what ``"all-linear"`` selects, as in PEFT)."""
+    return not (_is_embedding(module, mcore) or _is_vocab_parallel_embedding(module, mcore)) and \
+        is_supported_module(module, mcore)
 
 
 def create_lora_layer(target: nn.Module, name: str, config=None, mcore=None) -> LoraLayer:
@@ -202,7 +231,7 @@ def create_lora_layer(target: nn.Module, name: str, config=None, mcore=None) -> 
         raise TypeError(
             f"Target module {name} ({type(target).__name__}) is not supported. megalora supports torch.nn.Linear, "
             "transformers' Conv1D, megatron-core's ColumnParallelLinear / RowParallelLinear and their Transformer "
-            "Engine counterparts, and types added with megalora.register_lora_layer; "
+            "Engine counterparts, torch.nn.Embedding, megatron-core's VocabParallelEmbedding, and types added with megalora.register_lora_layer; "
             "adjust target_modules to select only those."
         )
     layer = factory(target, LayerContext(name, config, gated_chunks(target, name), mcore))

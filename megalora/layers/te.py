@@ -59,6 +59,7 @@ class _CallingBaseMixin:
     """
 
     reads_base_weight = False
+    runs_variants = False
 
     def _factor_weight(self, factor: nn.Module, spec: ShardSpec) -> torch.Tensor:
         if spec.sharded or self.tp_size == 1 or not self._sequence_parallel:

@@ -41,6 +41,12 @@ class LoraVariant(Protocol):
     def check(self, layer: "LoraLayer", adapter: str) -> None:
         """Raise if ``layer`` cannot carry this variant (before anything is created)."""
 
+    def a_features(self, in_features: int) -> int:
+        """The full input size of A, for a layer of ``in_features`` inputs."""
+
+    def groups(self, layer: "LoraLayer") -> Optional[tuple[int, int]]:
+        """QALoRA's ``(group_size, n_groups)`` for :func:`~megalora.lora_math.delta_weight`; ``None`` else."""
+
     def init(self, layer: "LoraLayer", adapter: str, like: dict) -> None:
         """Create the variant's own parameters once A and B exist (``like``: dtype/device)."""
 
@@ -72,6 +78,12 @@ class PlainLora:
     def check(self, layer: "LoraLayer", adapter: str) -> None:
         return None
 
+    def a_features(self, in_features: int) -> int:
+        return in_features
+
+    def groups(self, layer: "LoraLayer") -> Optional[tuple[int, int]]:
+        return None
+
     def init(self, layer: "LoraLayer", adapter: str, like: dict) -> None:
         return None
 
@@ -90,7 +102,7 @@ class PlainLora:
         return layer._add_lora_out(result, adapter, xd, layer.scaling[adapter], inplace)
 
 
-class Dora:
+class Dora(PlainLora):
     """DoRA: ``m / ‖W + s · B @ A‖ · (W + s · B @ A)`` with a trained magnitude ``m`` per output row.
 
     The norm runs over the full input dimension; a layer whose input is
@@ -154,10 +166,67 @@ class Dora:
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
 
 
+class QaLora(PlainLora):
+    """QALoRA: A reads the mean of each group of ``group_size`` contiguous inputs, times the group count.
+
+    PEFT's ``QALoraLinearVariant`` (``x_pooled * pooled_features``, A
+    ``[r, in / group_size]``), on every layer type that runs its adapters
+    through :meth:`LoraLayer._apply_adapters`. The group count is the *full*
+    layer's; a row-parallel layer sees whole groups only (checked), and its A
+    is split along the pooled dimension like the input. Unlike PEFT, merge and
+    unmerge work: ΔW is constant within each input group
+    (:func:`~megalora.lora_math.delta_weight` with ``groups``).
+    """
+
+    fusable = False
+
+    def __init__(self, group_size: int):
+        self.group_size = int(group_size)
+
+    def a_features(self, in_features: int) -> int:
+        return in_features // self.group_size
+
+    def groups(self, layer: "LoraLayer") -> tuple[int, int]:
+        return self.group_size, layer.in_features // self.group_size
+
+    def check(self, layer: "LoraLayer", adapter: str) -> None:
+        name = layer.global_name or type(layer.get_base_layer()).__name__
+        if not layer.runs_variants:
+            raise NotImplementedError(
+                f"use_qalora=True is not supported on {name} ({type(layer.get_base_layer()).__name__}): its LoRA "
+                "path runs outside megalora's variant forward; set use_qalora=False or use the local spec")
+        g, in_full = self.group_size, layer.in_features
+        if in_full % g:
+            raise ValueError(
+                f"qalora_group_size={g} does not divide in_features={in_full} of {name}; pick a divisor of "
+                f"{in_full} or leave {name} out of target_modules")
+        in_local = layer.local_in_features
+        if in_local % g:
+            tp = in_full // in_local
+            fits = [t for t in range(1, in_full // g + 1) if in_full % (t * g) == 0]
+            raise ValueError(
+                f"qalora_group_size={g} does not divide {name}'s input shard in_features/TP = {in_full}/{tp} = "
+                f"{in_local}: groups would straddle TP shards; use a TP size in {fits} or a qalora_group_size "
+                f"dividing {in_local}")
+
+    def forward(self, layer, adapter, x, result, base_bias, inplace):
+        with layer._dropout_context(adapter):
+            xd = layer.lora_dropout[adapter](x)
+        pooled = lora_math.pool_groups(xd, *self.groups(layer))
+        return layer._add_lora_out(result, adapter, pooled, layer.scaling[adapter], inplace)
+
+
 PLAIN = PlainLora()
 DORA = Dora()
 
 
 def resolve_variant(config) -> LoraVariant:
     """The variant a :class:`~megalora.config.LoraConfig` asks for (PEFT's ``resolve_lora_variant``)."""
+    if config.use_qalora:
+        # PEFT's config accepts these pairs (so files round-trip) but its QALoRA
+        # forward has no DoRA and drops lora_bias: refused here, never ignored.
+        for other in ("use_dora", "lora_bias"):
+            if getattr(config, other):
+                raise ValueError(f"use_qalora=True cannot be combined with {other}=True; set one of them to False")
+        return QaLora(config.qalora_group_size)
     return DORA if config.use_dora else PLAIN

@@ -22,8 +22,11 @@ class LoraWeights:
 
         The local product already is this rank's shard of the full ΔW, for
         column (B sharded) and row (A sharded) layers alike: no communication.
+        QALoRA's group expansion uses the full layer's group count, so it holds
+        for a row-parallel shard too.
         """
-        return lora_math.delta_weight(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])
+        return lora_math.delta_weight(self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                      self.scaling[adapter], self.lora_variant[adapter].groups(self))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW in the base weight's own layout (transposed for ``fan_in_fan_out``)."""

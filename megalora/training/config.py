@@ -381,10 +381,32 @@ def _check_gpt_shape(cfg: JobConfig) -> None:
                        ("ffn_hidden_size", m.ffn_hidden_size or 4 * m.hidden_size)):
         _need(value % p.tp == 0, f"model.{key}", f"{value} is not divisible by parallel.tp={p.tp}",
               "choose a tensor-parallel size that divides it")
+    _check_qalora_groups(cfg)
     chunks = p.pp * (p.vpp or 1)
     _need(m.num_layers % chunks == 0, "model.num_layers",
           f"{m.num_layers} layers do not split into parallel.pp x parallel.vpp = {chunks} equal chunks",
           "make num_layers a multiple of it")
+
+
+def _check_qalora_groups(cfg: JobConfig) -> None:
+    """QALoRA's groups against a GPT's row-parallel input shards, in the parent, before any rank starts.
+
+    The same rule the layers check (:class:`~megalora.layers.variants.QaLora`);
+    only the GPT's ``linear_proj`` and ``linear_fc2`` see a sharded input.
+    """
+    lora, m, tp = cfg.lora, cfg.model, cfg.parallel.tp
+    if not lora.get("use_qalora"):
+        return
+    g = lora.get("qalora_group_size", 16)
+    ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    targets = lora.get("target_modules")
+    for layer, size in (("linear_proj", m.hidden_size), ("linear_fc2", ffn)):
+        if targets != "all-linear" and layer not in (targets or ()):
+            continue
+        fits = [t for t in range(1, size // g + 1) if size % (t * g) == 0]
+        _need(size % (tp * g) == 0, "lora.qalora_group_size",
+              f"{g} does not divide {layer}'s input shard {size}/parallel.tp={tp}",
+              f"use parallel.tp in {fits} or a group size dividing {size // tp}")
 
 
 def data_parallel_size(cfg: JobConfig, world_size: int) -> int:

@@ -41,7 +41,7 @@ def inspect_adapter(directory: str) -> dict:
             entry = modules.setdefault(module, {"tensors": {}, "params": 0})
             entry["tensors"]["lora_" + tensor if "." in tensor else tensor] = shape
             entry["params"] += numel
-            if key.endswith("lora_A.weight"):
+            if key.endswith(("lora_A.weight", "lora_embedding_A")):
                 entry["r"] = shape[0]
             total_params += numel
             total_bytes += size
@@ -57,7 +57,7 @@ def inspect_adapter(directory: str) -> dict:
         "layout": json.loads(layout) if layout else None,
         "megalora_version": metadata.get("megalora_version"),
         "config": {k: config.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",
-                                              "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
+                                              "use_dora", "use_qalora", "qalora_group_size", "rank_pattern", "alpha_pattern", "modules_to_save",
                                               "base_model_name_or_path") if k in config},
     }
 
