@@ -273,8 +273,8 @@ class LoraConfig:
             raise NotImplementedError(
                 f"megalora does not implement init_lora_weights={init!r} yet; use True, False, 'gaussian' or "
                 "'orthogonal'")
-        unimplemented = ("use_qalora", "trainable_token_indices", "target_parameters",
-                         "alora_invocation_tokens", "ensure_weight_tying", "velora_config",
+        unimplemented = ("use_qalora", "target_parameters",
+                         "alora_invocation_tokens", "velora_config",
                          "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
         for name in unimplemented:
             value = getattr(self, name)

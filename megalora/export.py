@@ -74,10 +74,7 @@ def _natural(key: str) -> list:
 
 
 def _full_shape(local: torch.Tensor, spec: ShardSpec, group) -> tuple:
-    shape = list(local.shape)
-    if spec.sharded:
-        shape[spec.dim] *= group_size(group)
-    return tuple(shape)
+    return spec.full_shape(local.shape, group_size(group))
 
 
 # ---------------------------------------------------------------------- full tensors, merged

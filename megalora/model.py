@@ -20,7 +20,9 @@ from .config import LoraConfig
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
 from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
                                      unwrap)
+from .layers.trainable_tokens import TrainableTokensLayer
 from .replica_sharing import restore_shared, unshare_for_merge
+from .token_targets import TokenTarget, describe_unmatched, plan_tokens
 from .targeting import (ModelChunks, describe_no_match, describe_no_saved_match, find_saved_modules, find_targets,
                         global_module_names)
 
@@ -82,8 +84,12 @@ class LoraModel(nn.Module):
     def saved_module_wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
+    def token_layers(self) -> list[tuple[str, TrainableTokensLayer]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, TrainableTokensLayer)]
+
     def _adapter_modules(self):
-        return [m for _, m in self.lora_layers()] + [m for _, m in self.saved_module_wrappers()]
+        return ([m for _, m in self.lora_layers()] + [m for _, m in self.saved_module_wrappers()]
+                + [m for _, m in self.token_layers()])
 
     # ------------------------------------------------------------------ injection
 
@@ -108,8 +114,16 @@ class LoraModel(nn.Module):
         # One gather, before anything changes: a config that selects nothing anywhere, or a
         # problem seen on one stage only, fails on every rank together; a stage without
         # matches is fine.
-        reports = all_gather_objects((len(targets), saved_counts, _tie_problem(self.model, targets, config), untied))
-        if sum(r[0] for r in reports) == 0:
+        tokens, token_problems, token_matched, token_notes = plan_tokens(self.model, config, {n for n, _, _ in saved})
+        reports = all_gather_objects((len(targets), saved_counts, _tie_problem(self.model, targets, config), untied,
+                                      token_problems, token_matched, token_notes))
+        unmatched = [k for k in token_matched if not any(r[5].get(k) for r in reports)]
+        if unmatched:
+            raise ValueError(describe_unmatched(config, unmatched))
+        token_problem = next((r[4][0] for r in reports if r[4]), None)
+        if token_problem:
+            raise ValueError(token_problem)
+        if sum(r[0] for r in reports) == 0 and config.trainable_token_indices is None:
             raise ValueError(describe_no_match(config))
         missing = [e for i, e in enumerate(config.modules_to_save or []) if not any(r[1][i] for r in reports)]
         if missing:
@@ -134,11 +148,26 @@ class LoraModel(nn.Module):
             else:
                 wrapper = ModulesToSaveWrapper(module, adapter_name, untie_from, global_name=names[local_name])
                 _set_submodule(self.model, local_name, wrapper)
+        self._wrap_tokens(adapter_name, tokens)
         untied = sorted({name for r in reports for name in r[3]})
-        if untied and group_rank(dist.group.WORLD) == 0:
-            logger.warning(untied_message(untied))
+        notes = sorted({note for r in reports for note in r[6]})
+        if group_rank(dist.group.WORLD) == 0:
+            if untied:
+                logger.warning(untied_message(untied))
+            for note in notes:
+                logger.warning(note)
         self.peft_config[adapter_name] = config
         self._mark_only_adapters_as_trainable(config)
+
+    def _wrap_tokens(self, adapter_name: str, tokens: list[TokenTarget]) -> None:
+        """Wrap (or extend) the layers ``trainable_token_indices`` selects, embeddings first."""
+        for target in tokens:
+            module = self.model.get_submodule(target.local_name)
+            if not isinstance(module, TrainableTokensLayer):
+                tied_to = self.model.get_submodule(target.tied_to) if target.tied_to else None
+                module = TrainableTokensLayer(module, target.global_name, target.saved_name, tied_to, target.synced)
+                _set_submodule(self.model, target.local_name, module)
+            module.update_layer(adapter_name, target.ids, target.source)
 
     def _replicate_layers(self, layer_map) -> None:
         """PEFT's ``layer_replication``, applied once, before targeting (see :mod:`megalora.replication`)."""
@@ -165,7 +194,7 @@ class LoraModel(nn.Module):
 
     def _mark_only_adapters_as_trainable(self, config: LoraConfig) -> None:
         for name, param in self.model.named_parameters():
-            if self.prefix not in name and ".modules_to_save." not in name:
+            if self.prefix not in name and ".modules_to_save." not in name and "trainable_tokens_delta" not in name:
                 param.requires_grad_(False)
         # As PEFT: the ``bias`` setting of every *active* adapter applies, so adding
         # an inactive adapter with bias="none" keeps the active one's biases trainable.
@@ -231,12 +260,16 @@ class LoraModel(nn.Module):
             # Replicated layers share base weights but not deltas: copy on merge.
             unshare_for_merge(layer, adapter_names)
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        for _, layer in self.token_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
             if layer.merged:
                 layer.unmerge()
             restore_shared(layer)
+        for _, layer in self.token_layers():
+            layer.unmerge()
 
     def _unload(self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names) -> nn.Module:
         layers = self.lora_layers()
@@ -250,6 +283,12 @@ class LoraModel(nn.Module):
                 if layer.merged:
                     layer.unmerge()
                 restore_shared(layer)
+            _set_submodule(self.model, name, layer.get_base_layer())
+        for name, layer in self.token_layers():
+            if merge:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            else:
+                layer.unmerge()
             _set_submodule(self.model, name, layer.get_base_layer())
         for name, wrapper in self.saved_module_wrappers():
             _set_submodule(self.model, name, unwrap(wrapper, keep_trained=merge))
