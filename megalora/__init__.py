@@ -17,20 +17,27 @@ def sync_lora_grads(model) -> int:
     megatron-core's ``finalize_model_grads`` does this already for models
     wrapped in its ``DistributedDataParallel``; a loop without it calls this once
     per step, after backward and before the optimizer step. Collective over the
-    tensor-parallel group; one coalesced all-reduce.
+    tensor-parallel group (one coalesced all-reduce), and, for trainable tokens
+    tied across the first and last pipeline stage, over megatron's embedding
+    group (one more, as ``finalize_model_grads`` does for the shared weight).
 
     Returns:
         The number of parameters whose gradient was reduced.
     """
     from .grad_sync import sync_replicated_grads
     from .layers import LoraLayer
+    from .layers.trainable_tokens import TrainableTokensLayer, sync_embedding_group_grads
 
     groups: dict = {}
+    tokens = []
     for chunk in model if isinstance(model, (list, tuple)) else [model]:
         for module in chunk.modules():
             if isinstance(module, LoraLayer) and module.tp_size > 1:
                 groups.setdefault(module.tp_group, []).extend(module.parameters())
-    return sum(sync_replicated_grads(params, group) for group, params in groups.items())
+            elif isinstance(module, TrainableTokensLayer):
+                tokens.append(module)
+    count = sum(sync_replicated_grads(params, group) for group, params in groups.items())
+    return count + sync_embedding_group_grads(tokens)
 
 
 __all__ = [
