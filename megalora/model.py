@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 from .collectives import all_gather_objects, group_rank
 from .config import LoraConfig
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
-from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
-                                     unwrap)
+from .layers.modules_to_save import ModulesToSaveWrapper, is_tied_output, plan_saved_modules, untied_message, unwrap
 from .layers.trainable_tokens import TrainableTokensLayer
 from .replica_sharing import restore_shared, unshare_for_merge
 from .token_targets import TokenTarget, describe_unmatched, plan_tokens
@@ -108,21 +107,21 @@ class LoraModel(nn.Module):
         mcore = megatron_core_module(config.megatron_core)
         targets = find_targets(self.model, config, mcore)
         saved, saved_counts = find_saved_modules(self.model, config)
-        saved = [(name, module, self._tie_plan(name, config)) for name, module in saved]
+        saved = plan_saved_modules(self.model, config, saved)
         names = global_module_names(self.model)
-        untied = [names[name] for name, _, plan in saved if plan is not None]
+        untied = [names[name] for name, _, plan in saved if plan is not None and plan.untied]
         # One gather, before anything changes: a config that selects nothing anywhere, or a
         # problem seen on one stage only, fails on every rank together; a stage without
         # matches is fine.
         tokens, token_problems, token_matched, token_notes = plan_tokens(self.model, config, {n for n, _, _ in saved})
         reports = all_gather_objects((len(targets), saved_counts, _tie_problem(self.model, targets, config), untied,
                                       token_problems, token_matched, token_notes))
-        unmatched = [k for k in token_matched if not any(r[5].get(k) for r in reports)]
-        if unmatched:
-            raise ValueError(describe_unmatched(config, unmatched))
         token_problem = next((r[4][0] for r in reports if r[4]), None)
         if token_problem:
             raise ValueError(token_problem)
+        unmatched = [k for k in token_matched if not any(r[5].get(k) for r in reports)]
+        if unmatched:
+            raise ValueError(describe_unmatched(config, unmatched))
         if sum(r[0] for r in reports) == 0 and config.trainable_token_indices is None:
             raise ValueError(describe_no_match(config))
         missing = [e for i, e in enumerate(config.modules_to_save or []) if not any(r[1][i] for r in reports)]
@@ -142,11 +141,11 @@ class LoraModel(nn.Module):
                 for layer_name in module.adapter_layer_names:
                     if adapter_name in getattr(module, layer_name):
                         getattr(module, layer_name)[adapter_name].to(dtype)
-        for local_name, module, untie_from in saved:
+        for local_name, module, plan in saved:
             if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name, untie_from)
+                module.update(adapter_name, plan)
             else:
-                wrapper = ModulesToSaveWrapper(module, adapter_name, untie_from, global_name=names[local_name])
+                wrapper = ModulesToSaveWrapper(module, adapter_name, plan, global_name=names[local_name])
                 _set_submodule(self.model, local_name, wrapper)
         self._wrap_tokens(adapter_name, tokens)
         untied = sorted({name for r in reports for name in r[3]})
@@ -185,12 +184,6 @@ class LoraModel(nn.Module):
             raise ValueError("layer_replication must be set on the first adapter, before any adapter is injected")
         self.replication = replicate_layers(self.model, wanted)
         self._layer_replication = wanted
-
-    def _tie_plan(self, local_name: str, config: LoraConfig):
-        """:func:`~megalora.layers.modules_to_save.tied_weight_plan` for the module at ``local_name``."""
-        parent_name, _, leaf = local_name.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        return tied_weight_plan(parent, leaf, config.ensure_weight_tying)
 
     def _mark_only_adapters_as_trainable(self, config: LoraConfig) -> None:
         for name, param in self.model.named_parameters():

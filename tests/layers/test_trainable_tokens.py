@@ -114,3 +114,53 @@ def test_trainable_tokens_match_world_size_1(dist2, tmp_path):
 
 def test_trainable_tokens_tp2_pp2(dist4, tmp_path):
     dist4(_tokens_body, {"tp2pp2": dict(tp=2, pp=2)}, str(tmp_path), timeout_s=600)
+
+
+def _tying_body(root: str):
+    """``ensure_weight_tying`` both ways, modules_to_save and trainable tokens, PP=2 against PP=1 (tied)."""
+    import megalora
+
+    full = _full_weights(tied=True)
+    cases = {
+        "mts-tied": _lora(trainable_token_indices=None, modules_to_save=["output_layer"], ensure_weight_tying=True),
+        "mts-untied": _lora(trainable_token_indices=None, modules_to_save=["output_layer"]),
+        "tokens-untied": _lora(trainable_token_indices={"embedding": [1, 70], "output_layer": [3, 90]}),
+        "tokens-tied": _lora(trainable_token_indices={"output_layer": IDS, "embedding": IDS},
+                             ensure_weight_tying=True),
+    }
+    keys, logs = {}, {}
+    for name, lora in cases.items():
+        (ref_losses, ref), logs[name] = _logged(lambda: _run(full, {}, lora))
+        losses, got = _run(full, dict(pp=2), lora, save_dir=os.path.join(root, name))
+        assert_losses_close(ref_losses, losses, f"{name}, PP=2")
+        assert_close_dicts(ref, got, 1e-5, f"{name}: adapter after Adam steps, PP=2")
+        keys[name] = sorted(k for k in got if "lora_" not in k)
+    # ensure_weight_tying=True: one shared copy, trained (it left the embeddings), saved once.
+    _, ref = _run(full, {}, cases["mts-tied"])
+    assert keys["mts-tied"] == [EMB_COPY], keys
+    assert not torch.allclose(ref[EMB_COPY], full["embedding.word_embeddings.weight"], atol=1e-4)
+    assert keys["mts-untied"] == ["base_model.model.output_layer.weight"], keys
+    assert keys["tokens-untied"] == [DELTA, DELTA.replace("embedding.word_embeddings", "output_layer")], keys
+    assert keys["tokens-tied"] == [DELTA], keys
+    # Different ids with ensure_weight_tying=True: PEFT's ValueError, on every rank, before anything changes.
+    bad = _lora(trainable_token_indices={"embedding": [1], "output_layer": [3]}, ensure_weight_tying=True)
+    try:
+        megalora.get_peft_model(_build(full, pp=2), bad)
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    finally:
+        from megalora.parallel_start import destroy_parallel
+
+        destroy_parallel()
+    return logs, error
+
+
+def test_ensure_weight_tying_pp2_matches_pp1(dist2, tmp_path):
+    results = dist2(_tying_body, str(tmp_path), timeout_s=600)
+    logs, error = results[0]
+    assert error and "ensure_weight_tying" in error and "\n" not in error and results[1][1] == error, results
+    assert any("untied" in m and "ensure_weight_tying" in m for m in logs["mts-untied"]), logs
+    assert any("untied" in m for m in logs["tokens-untied"]), logs
+    assert not any("untied" in m for m in logs["mts-tied"] + logs["tokens-tied"]), logs
+    assert not any(results[1][0].values()), "only rank 0 logs"
