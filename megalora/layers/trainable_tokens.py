@@ -385,3 +385,23 @@ def sync_embedding_group_grads(layers: Sequence[TrainableTokensLayer]) -> int:
             p.grad = torch.zeros_like(p)
     all_reduce_coalesced([p.grad for p in deltas], ps.get_embedding_group(), average=False)
     return len(deltas)
+
+
+def merged_table(layer: TrainableTokensLayer, adapters: Sequence[str]) -> Optional[torch.Tensor]:
+    """Collective over the layer's TP group: the full table with ``adapters``' rows written in.
+
+    The merged export's tensor for the layer's weight (on the TP group's rank
+    0; ``None`` elsewhere): the table and the rows are gathered whole and
+    merged there, so the export is the same at every layout.
+    """
+    from ..sharding import gather_full, param_shard_spec
+
+    table = gather_full(layer.get_base_layer().weight.detach(), param_shard_spec(layer.get_base_layer().weight),
+                        layer.tp_group, dst=0)
+    rows = [(layer.indices(a), gather_full(layer.trainable_tokens_delta[a].detach(), layer.spec(a), layer.tp_group,
+                                           dst=0)) for a in adapters]
+    if table is None:
+        return None
+    for ids, delta in rows:
+        table = table.index_copy(0, torch.tensor(ids, dtype=torch.long), delta.to(table.dtype))
+    return table
