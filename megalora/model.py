@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from .collectives import all_gather_objects, group_rank
 from .config import LoraConfig
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
-from .layers.modules_to_save import ModulesToSaveWrapper, is_tied_output, plan_saved_modules, untied_message, unwrap
+from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, plan_saved_modules, untie_owner,
+                                     untied_message, untied_owners, unwrap)
 from .layers.trainable_tokens import TrainableTokensLayer
 from .replica_sharing import restore_shared, unshare_for_merge
 from .token_targets import TokenTarget, describe_unmatched, plan_tokens
@@ -283,8 +284,12 @@ class LoraModel(nn.Module):
             else:
                 layer.unmerge()
             _set_submodule(self.model, name, layer.get_base_layer())
+        configs = [self.peft_config[a] for a in self.active_adapters if a in self.peft_config]
+        untie = untied_owners(self.model, configs) if merge else []
         for name, wrapper in self.saved_module_wrappers():
             _set_submodule(self.model, name, unwrap(wrapper, keep_trained=merge))
+        for owner, weight in untie:
+            untie_owner(owner, weight)
         return list(self.model) if self.is_chunked else self.model
 
     @property

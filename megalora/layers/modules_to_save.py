@@ -309,3 +309,29 @@ class ModulesToSaveWrapper(nn.Module):
 def unwrap(wrapper: ModulesToSaveWrapper, keep_trained: bool) -> nn.Module:
     """The module to put back: the active trained copy, or the original."""
     return wrapper.active_module if keep_trained else wrapper.original_module
+
+
+def untied_owners(model: nn.Module, configs: Sequence) -> list:
+    """``(tied model, its frozen shared weight)`` to untie when the copies of ``configs`` are kept for good.
+
+    A pair untied on purpose (``ensure_weight_tying=False``) must stay untied
+    once the wrappers are gone, or ``GPTModel`` would pass the embedding weight
+    to the output layer again. Call before unwrapping; see :func:`untie_owner`.
+    """
+    if not any(not c.ensure_weight_tying and _selects_pair(c.modules_to_save or []) for c in configs):
+        return []
+    owners = [m for m in model.modules() if getattr(m, "share_embeddings_and_output_weights", False)]
+    return [(owner, owner.shared_embedding_or_output_weight()) for owner in owners]
+
+
+def untie_owner(owner: nn.Module, weight: Optional[torch.Tensor]) -> None:
+    """Make ``owner`` an untied model: its output layer keeps ``weight`` (the frozen original) unless it has its own."""
+    output = getattr(owner, "output_layer", None) if getattr(owner, "post_process", True) else None
+    if output is not None:
+        if output.weight is None:
+            output.weight = weight
+        else:
+            for attr in ("shared", "shared_embedding"):
+                if hasattr(output.weight, attr):
+                    delattr(output.weight, attr)
+    owner.share_embeddings_and_output_weights = False

@@ -39,6 +39,21 @@ def _perturb_tokens(peft_model, seed: int = 5) -> None:
                         entry.param.add_(entry.spec.local(full, layer.tp_rank, layer.tp_size))
 
 
+def _perturb_copies(peft_model, seed: int = 6) -> None:
+    """The same random offset on every full ``modules_to_save`` weight at every layout."""
+    from megalora.layers.modules_to_save import ModulesToSaveWrapper
+
+    for chunk in peft_model:
+        for wrapper in chunk.modules():
+            if isinstance(wrapper, ModulesToSaveWrapper):
+                for entry in wrapper.tensors("default"):
+                    world, rank = entry.group.size(), entry.group.rank()
+                    size = entry.spec.full_shape(entry.param.shape, world)
+                    full = torch.randn(size, generator=torch.Generator().manual_seed(seed)) * 0.2
+                    with torch.no_grad():
+                        entry.param.add_(entry.spec.local(full, rank, world))
+
+
 def _body(root: str):
     import peft
     import torch.distributed as dist
@@ -91,6 +106,21 @@ def _body(root: str):
             diffs[name] = dict(import_vs_peft=U.max_diff(got, import_ref), export_vs_peft=U.max_diff(back_ref, got),
                                own_vs_peft=U.max_diff(own_ref, mine), merged_vs_own=U.max_diff(merged_ref, mine),
                                tokens_change_logits=U.max_diff(mine, ref))
+        # An untied modules_to_save copy of the tied output layer: kept by merge_and_unload and the HF export.
+        mts = megalora.get_peft_model(own.unload(), megalora.LoraConfig(
+            r=2, target_modules=["linear_fc2"], modules_to_save=["output_layer"])).eval()
+        _perturb_copies(mts)
+        mts_logits = U.mcore_logits(mts, toks, 48)
+        mts_dir = os.path.join(root, name, "mts_merged")
+        H.save_hf_pretrained(mts, mts_dir)
+        unloaded = U.mcore_logits(mts.merge_and_unload(), toks, 48)
+        dist.barrier()
+        mts_hf = AutoModelForCausalLM.from_pretrained(mts_dir, attn_implementation="eager").eval()
+        assert not mts_hf.config.tie_word_embeddings
+        if got is not None:
+            diffs[name].update(mts_merge_and_unload=U.max_diff(unloaded, mts_logits),
+                               mts_hf_export=U.max_diff(U.hf_logits(mts_hf, toks), mts_logits),
+                               mts_changes_logits=U.max_diff(mts_logits, ref))
         files = [load_file(os.path.join(d, "adapter_model.safetensors")) for d in (peft_dir, back_dir)]
         assert torch.equal(files[0][KEY], files[1][KEY]), "the token rows changed on the way through megalora"
         assert sorted(load_file(os.path.join(own_dir, "adapter_model.safetensors"))).count(KEY) == 1
@@ -103,6 +133,7 @@ def test_trainable_tokens_hf_peft_interop(dist2, tmp_path):
     for diffs in per_rank:
         for layout, checks in diffs.items():
             assert checks.pop("tokens_change_logits") > 1e-2, f"{layout}: the token rows have no effect"
+            assert checks.pop("mts_changes_logits") > 1e-2, f"{layout}: the output-layer copy has no effect"
             for check, value in checks.items():
                 assert value <= TOL, f"{layout}: {check} = {value}"
     assert any(per_rank), "no rank held the last stage"
