@@ -45,12 +45,17 @@ def _build(full: dict, tp=1, pp=1, sp=False):
     return model
 
 
-def _run(full, layout, lora, save_dir=None):
+def _run(full, layout, lora, save_dir=None, plain=False):
+    """Train at ``layout`` (megatron DDP, or a plain loop with ``megalora.sync_lora_grads``)."""
     import megalora
     from megalora.parallel_start import destroy_parallel
+    from tests.test_targeting import last_stage_losses
 
     peft = megalora.get_peft_model(_build(full, **layout), lora)
-    losses = _ddp_train(peft, STEPS)
+    if plain:
+        losses = last_stage_losses(G.pipeline_train([peft.get_base_model()], G.pipeline_steps(STEPS)))
+    else:
+        losses = _ddp_train(peft, STEPS)
     adapter = U.gathered(peft)
     if save_dir is not None:
         peft.save_pretrained(save_dir)
@@ -128,10 +133,12 @@ def _tying_body(root: str):
         "tokens-tied": _lora(trainable_token_indices={"output_layer": IDS, "embedding": IDS},
                              ensure_weight_tying=True),
     }
+    cases["tokens-plain-loop"] = _lora()
     keys, logs = {}, {}
     for name, lora in cases.items():
-        (ref_losses, ref), logs[name] = _logged(lambda: _run(full, {}, lora))
-        losses, got = _run(full, dict(pp=2), lora, save_dir=os.path.join(root, name))
+        plain = name.endswith("plain-loop")  # the embedding-group sum comes from megalora.sync_lora_grads
+        (ref_losses, ref), logs[name] = _logged(lambda: _run(full, {}, lora, plain=plain))
+        losses, got = _run(full, dict(pp=2), lora, save_dir=os.path.join(root, name), plain=plain)
         assert_losses_close(ref_losses, losses, f"{name}, PP=2")
         assert_close_dicts(ref, got, 1e-5, f"{name}: adapter after Adam steps, PP=2")
         keys[name] = sorted(k for k in got if "lora_" not in k)
