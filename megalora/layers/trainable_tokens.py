@@ -336,7 +336,9 @@ def _swap_rows(out: torch.Tensor, ids: torch.Tensor, outside: Optional[torch.Ten
                rows: torch.Tensor) -> torch.Tensor:
     """``out`` with the looked-up row of every listed id taken from ``delta`` (``ids`` local to the shard)."""
     if rows.numel() == 0:
-        return out
+        # No listed id in this rank's range: the output must still need a gradient, as on the
+        # ranks that own rows, or the first layer's backward all-reduce would run on those only.
+        return out + delta.sum().to(out.dtype) if delta.requires_grad else out
     order = torch.argsort(rows)
     ordered = rows[order]
     pos = torch.searchsorted(ordered, ids).clamp_(max=rows.numel() - 1)

@@ -171,3 +171,17 @@ def test_ensure_weight_tying_pp2_matches_pp1(dist2, tmp_path):
     assert any("untied" in m for m in logs["tokens-untied"]), logs
     assert not any("untied" in m for m in logs["mts-tied"] + logs["tokens-tied"]), logs
     assert not any(results[1][0].values()), "only rank 0 logs"
+
+
+def _one_rank_body():
+    """Ids all in TP rank 0's half: rank 1 holds no rows, yet both ranks take the same backward collectives."""
+    full = _full_weights(tied=True)
+    lora = _lora(trainable_token_indices=[1, 2])
+    ref_losses, ref = _run(full, {}, lora)
+    losses, got = _run(full, dict(tp=2), lora)
+    assert_losses_close(ref_losses, losses, "rows on one TP rank only")
+    assert_close_dicts(ref, got, 1e-5, "rows on one TP rank only")
+
+
+def test_trainable_tokens_on_one_tp_rank_only(dist2):
+    dist2(_one_rank_body, timeout_s=300)
