@@ -314,12 +314,33 @@ class TrainableTokensLayer(BaseLayerFace):
         return out, (base.bias if base.skip_bias_add else None)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict = None) -> dict:
-        """megatron-core distributed checkpointing: the base layer's tensors under its own keys.
+        """megatron-core distributed checkpointing: the base layer's tensors under its own keys, then the rows.
 
-        The delta rows are saved with the adapter (``save_pretrained``), in
-        PEFT's format; megatron-core's ``LanguageModule`` finds ``output_layer.weight`` here.
+        The base keys are unchanged, so megatron-core's ``LanguageModule`` finds
+        ``output_layer.weight`` and a base checkpoint loads. Each trained row is
+        one tensor, keyed by its token id (``<module>.token_adapter.trainable_tokens_delta.<adapter>.<id>``)
+        and written by the TP rank that owns it, so the checkpoint reshards to
+        any layout; the last stage's tied copy is a replica of the embedding's rows.
         """
-        return dict(self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata))
+        from megatron.core.dist_checkpointing import ShardedTensor
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+        from ..collectives import group_rank
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        out = dict(self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata))
+        if self.tied_to is not None:
+            return out
+        dp_rank = group_rank(metadata["dp_cp_group"])
+        head = prefix[: len(prefix) - len(self.global_name) - 1] if prefix.endswith(self.global_name + ".") else None
+        base = f"{head}{self.saved_name}." if head is not None else prefix
+        copy = int(self.embedding_group_synced and not self.is_embedding)
+        for adapter, delta in self.token_adapter.trainable_tokens_delta.items():
+            ids = self.indices(adapter)
+            for j, i in enumerate(self.spec(adapter).rows[self.tp_rank]):
+                key = f"{DELTA_KEY}.{adapter}.{ids[i]}"
+                out[prefix + key] = ShardedTensor.from_rank_offsets(base + key, delta[j], replica_id=(copy, 0, dp_rank))
+        return out
 
     def extra_repr(self) -> str:
         return f"global_name={self.global_name!r}, tied={self.tied_to is not None}"
