@@ -26,7 +26,8 @@ def sync_lora_grads(model) -> int:
     """
     from .grad_sync import sync_replicated_grads
     from .layers import LoraLayer
-    from .layers.trainable_tokens import TrainableTokensLayer, sync_embedding_group_grads
+    from .layers.embedding_group import sync_embedding_group_grads
+    from .layers.trainable_tokens import TrainableTokensLayer
 
     groups: dict = {}
     tokens = []

@@ -21,7 +21,7 @@ kept out of the module tree, as PEFT does) and saves nothing. At PP>1 the last
 stage holds a copy, saved under the embedding's key (so the file has one
 tensor at every layout, and loading fills both), whose gradient is summed
 with the first stage's over megatron's embedding group, as
-``finalize_model_grads`` does for the shared weight: see :func:`link_embedding_group_grad`.
+``finalize_model_grads`` does for the shared weight (:mod:`megalora.layers.embedding_group`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sharding import ShardSpec
+from .embedding_group import link_embedding_group_grad
 from .face import BaseLayerFace, unwrapped_keys_to
 from .tensors import AdapterTensor
 
@@ -367,47 +368,6 @@ def _swap_rows(out: torch.Tensor, ids: torch.Tensor, outside: Optional[torch.Ten
     if outside is not None:
         hit &= ~outside
     return torch.where(hit.unsqueeze(-1), delta[order[pos]].to(out.dtype), out)
-
-
-def link_embedding_group_grad(weight: Optional[torch.Tensor], delta: nn.Parameter) -> None:
-    """Make megatron's embedding-group all-reduce of the frozen tied weight sum ``delta``'s gradient.
-
-    ``finalize_model_grads`` all-reduces ``shared_embedding_or_output_weight()``'s
-    ``main_grad`` over the embedding group (first and last stage) whenever it
-    exists; the frozen table has none. Pointing it at the delta's DDP gradient
-    buffer (which DDP creates for every trainable parameter, on both stages
-    alike) makes that one all-reduce sum the two stages' delta gradients in
-    place, so both ends always take part together and no collective is added.
-    """
-    if weight is None:
-        return
-    main_grad = getattr(delta, "main_grad", None)
-    if delta.requires_grad and main_grad is not None:
-        weight.main_grad = main_grad
-    elif "main_grad" in vars(weight):
-        del weight.main_grad
-
-
-def sync_embedding_group_grads(layers: Sequence[TrainableTokensLayer]) -> int:
-    """Collective over megatron's embedding group: sum the tied deltas' ``.grad`` (a plain loop's step call).
-
-    Both the first and the last stage hold a synced delta for the same
-    adapters, so both call this with the same list; a missing gradient is sent
-    as zeros, so one stage without a gradient cannot leave the other waiting.
-    """
-    from megatron.core import parallel_state as ps
-
-    from ..collectives import all_reduce_coalesced
-
-    deltas = [p for layer in layers if layer.embedding_group_synced
-              for _, p in sorted(layer.token_adapter.trainable_tokens_delta.items()) if p.requires_grad]
-    if not deltas:
-        return 0
-    for p in deltas:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    all_reduce_coalesced([p.grad for p in deltas], ps.get_embedding_group(), average=False)
-    return len(deltas)
 
 
 def merged_table(layer: TrainableTokensLayer, adapters: Sequence[str]) -> Optional[torch.Tensor]:
