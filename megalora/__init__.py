@@ -23,22 +23,30 @@ def sync_lora_grads(model) -> int:
     wrapped in its ``DistributedDataParallel``; a loop without it calls this once
     per step, after backward and before the optimizer step. Collective over each
     LoRA layer's tensor-parallel group (the expert-TP group for routed experts);
-    one coalesced all-reduce per group. Data-parallel reductions (the dense one, and the
-    expert-data-parallel one of routed experts) are not part of it: megatron-core's DDP
-    does those.
+    one coalesced all-reduce per group, and, for trainable tokens tied across the
+    first and last pipeline stage, one over megatron's embedding group (as
+    ``finalize_model_grads`` does for the shared weight). Data-parallel reductions
+    (the dense one, and the expert-data-parallel one of routed experts) are not part
+    of it: megatron-core's DDP does those.
 
     Returns:
         The number of parameters whose gradient was reduced.
     """
     from .grad_sync import sync_replicated_grads
     from .layers import LoraLayer
+    from .layers.embedding_group import sync_embedding_group_grads
+    from .layers.trainable_tokens import TrainableTokensLayer
 
     groups: dict = {}
+    tokens = []
     for chunk in model if isinstance(model, (list, tuple)) else [model]:
         for module in chunk.modules():
             if isinstance(module, LoraLayer) and module.tp_size > 1:
                 groups.setdefault(module.tp_group, []).extend(module.parameters())
-    return sum(sync_replicated_grads(params, group) for group, params in groups.items())
+            elif isinstance(module, TrainableTokensLayer):
+                tokens.append(module)
+    count = sum(sync_replicated_grads(params, group) for group, params in groups.items())
+    return count + sync_embedding_group_grads(tokens)
 
 
 __all__ = [

@@ -77,13 +77,15 @@ def _adapter_entries(peft_model, adapter: str):
     key appears once (``bias="all"`` also lists the LoRA biases).
     """
     from .layers.modules_to_save import ModulesToSaveWrapper
+    from .layers.trainable_tokens import TrainableTokensLayer
 
     model = peft_model.base_model.model
     names = global_module_names(model)
     seen = set()
     for module in model.modules():
         owned = (isinstance(module, LoraLayer) and adapter in module.lora_A) or (
-            isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save)
+            isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save) or (
+            isinstance(module, TrainableTokensLayer))
         for entry in module.tensors(adapter) if owned else ():
             key = f"{PREFIX}{entry.global_name}.{entry.saved_key}"
             seen.add(key)

@@ -243,9 +243,7 @@ def _plan_load(peft_model, adapter: str, tensors: dict) -> tuple[list, set, list
         used.add(key)
         full = tensors[key]
         world = group_size(group)
-        expected = list(param.shape)
-        if spec.sharded:
-            expected[spec.dim] *= world
+        expected = list(spec.full_shape(param.shape, world))
         if list(full.shape) != expected:
             problems.append(_shape_problem(key, tuple(full.shape), tuple(expected)))
             continue

@@ -276,8 +276,7 @@ class LoraConfig:
             raise NotImplementedError(
                 f"megalora does not implement init_lora_weights={init!r} yet; use True, False, 'gaussian', "
                 "'orthogonal', 'pissa', 'pissa_niter_<n>', 'olora', 'loftq', 'eva' or 'corda'")
-        unimplemented = ("trainable_token_indices",
-                         "alora_invocation_tokens", "ensure_weight_tying", "velora_config",
+        unimplemented = ("alora_invocation_tokens", "velora_config",
                          "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
         for name in unimplemented:
             value = getattr(self, name)

@@ -38,7 +38,7 @@ def _chunks(peft_model) -> list[tuple[str, torch.nn.Module]]:
 
 def _adapter_key_pattern(adapters: Sequence[str]) -> re.Pattern:
     names = "|".join(re.escape(a) for a in adapters)
-    return re.compile(rf"(^|\.)(lora_A|lora_B|lora_magnitude_vector|modules_to_save)\.({names})\.")
+    return re.compile(rf"(^|\.)(lora_A|lora_B|lora_magnitude_vector|modules_to_save|trainable_tokens_delta)\.({names})\.")
 
 
 def adapter_sharded_state_dict(
@@ -152,4 +152,6 @@ def load_adapter_dist_checkpoint(
     params = dict(peft_model.base_model.model.named_parameters())
     with torch.no_grad():
         for key, value in loaded.items():
-            params[key].copy_(value.to(dtype=params[key].dtype, device=params[key].device))
+            # A trained token row is a view into its layer's rows (see TrainableTokensLayer.sharded_state_dict).
+            target = params[key] if key in params else sharded[key].data
+            target.copy_(value.to(dtype=target.dtype, device=target.device))

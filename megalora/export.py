@@ -59,6 +59,7 @@ from . import lora_math
 from .checkpoint import _version
 from .layers import LoraLayer, gated_chunks
 from .layers.modules_to_save import ModulesToSaveWrapper
+from .layers.trainable_tokens import TrainableTokensLayer, merged_table
 from .shard_files import DTYPES, Planned, ShardWriter, parse_size
 from .targeting import ModelChunks, global_module_names
 
@@ -79,10 +80,7 @@ def _natural(key: str) -> list:
 
 
 def _full_shape(local: torch.Tensor, spec: ShardSpec, group) -> tuple:
-    shape = list(local.shape)
-    if spec.sharded:
-        shape[spec.dim] *= group_size(group)
-    return tuple(shape)
+    return spec.full_shape(local.shape, group_size(group))
 
 
 # ---------------------------------------------------------------------- full tensors, merged
@@ -201,6 +199,24 @@ def _lora_entries(layer: LoraLayer, prefix: str, adapters, dtype, problems: list
     return out
 
 
+def _token_entries(layer: TrainableTokensLayer, prefix: str, adapters, dtype, problems: list) -> list[_Entry]:
+    """The table with the token rows written in (a tied output layer's rows live in the embedding's table)."""
+    base = layer.get_base_layer()
+    todo = [a for a in adapters if a in layer.trainable_tokens_delta and a not in layer.merged_adapters]
+    weight = getattr(base, "weight", None)
+    others = [(n, p) for n, p in base.named_parameters(recurse=False) if n != "weight"]
+    out = _param_entries(others, prefix, 1, layer.tp_group, dtype)
+    if todo and layer.tied_to is None and weight is None:
+        problems.append(f"{prefix}: trainable tokens {todo} of an output layer tied to the embeddings cannot be "
+                        "merged (they would change the embeddings too): give it the embedding's ids")
+    if weight is None or _is_tied_copy(weight):
+        return out
+    if not todo or layer.tied_to is not None:
+        return out + _param_entries([("weight", weight)], prefix, 1, layer.tp_group, dtype)
+    shape = _full_shape(weight, param_shard_spec(weight), layer.tp_group)
+    return out + [_Entry(f"{prefix}weight", shape, dtype or weight.dtype, lambda: merged_table(layer, todo))]
+
+
 def _local_entries(model: nn.Module, adapters: list[str], dtype, problems: list) -> list[_Entry]:
     """This rank's exported tensors, sorted naturally by name.
 
@@ -234,6 +250,10 @@ def _module_entries(module, local_name, names, adapters, dtype, problems, tp_gro
     if isinstance(module, LoraLayer):
         skip.append(f"{local_name}.")
         entries.extend(_lora_entries(module, prefix, adapters, dtype, problems))
+        return
+    if isinstance(module, TrainableTokensLayer):
+        skip.append(f"{local_name}.")
+        entries.extend(_token_entries(module, prefix, adapters, dtype, problems))
         return
     if isinstance(module, ModulesToSaveWrapper):
         skip.append(f"{local_name}.")

@@ -20,10 +20,12 @@ from .config import LoraConfig
 from .initializers.base_weight import init_adapter_from_base, reads_base_weight
 from .layers import LoraLayer, create_lora_layer, megatron_core_module
 from .layers.embedding import mark_tied_embeddings
-from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, tied_weight_plan, untied_message,
-                                     unwrap)
-from .replica_sharing import restore_shared, unshare_for_merge
 from .layers.grouped import LoraGroupedMLP
+from .layers.modules_to_save import (ModulesToSaveWrapper, is_tied_output, plan_saved_modules, untie_owner,
+                                     untied_message, untied_owners, unwrap)
+from .layers.trainable_tokens import TrainableTokensLayer
+from .replica_sharing import restore_shared, unshare_for_merge
+from .token_targets import TokenTarget, describe_unmatched, plan_tokens
 from .targeting import (ModelChunks, describe_no_match, describe_no_saved_match, find_saved_modules, find_targets,
                         global_module_names, grouped_experts_to_wrap)
 
@@ -85,8 +87,12 @@ class LoraModel(nn.Module):
     def saved_module_wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
+    def token_layers(self) -> list[tuple[str, TrainableTokensLayer]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, TrainableTokensLayer)]
+
     def _adapter_modules(self):
-        return [m for _, m in self.lora_layers()] + [m for _, m in self.saved_module_wrappers()]
+        return ([m for _, m in self.lora_layers()] + [m for _, m in self.saved_module_wrappers()]
+                + [m for _, m in self.token_layers()])
 
     # ------------------------------------------------------------------ injection
 
@@ -106,25 +112,33 @@ class LoraModel(nn.Module):
         grouped_problem = self._wrap_grouped_experts(config)
         targets = find_targets(self.model, config, mcore)
         saved, saved_counts = find_saved_modules(self.model, config)
-        saved = [(name, module, self._tie_plan(name, config)) for name, module in saved]
+        saved = plan_saved_modules(self.model, config, saved)
         names = global_module_names(self.model)
-        untied = [names[name] for name, _, plan in saved if plan is not None]
+        untied = [names[name] for name, _, plan in saved if plan is not None and plan.untied]
         # Layers are built (not yet swapped in) before the gather, so that what
         # a variant refuses on one stage only (QALoRA groups straddling a TP shard)
         # fails on every rank together instead of hanging the others.
         layers, problem = _build_layers(targets, config, mcore, adapter_name)
         tie = grouped_problem or _tie_problem(self.model, targets, config)
         problem = ("ValueError", tie) if tie else problem
+        tokens, token_problems, token_matched, token_notes = plan_tokens(self.model, config, {n for n, _, _ in saved})
         # One gather, before anything changes: a config that selects nothing anywhere, or a
         # problem seen on one stage only, fails on every rank together; a stage without
         # matches is fine.
-        reports = all_gather_objects((len(targets), saved_counts, problem, untied))
+        reports = all_gather_objects((len(targets), saved_counts, problem, untied,
+                                      token_problems, token_matched, token_notes))
         # Before the no-match check: a refused target (grouped experts) can be why nothing matched.
         problem = next((r[2] for r in reports if r[2]), None)
         if problem:
             kind, text = problem
             raise (TypeError if kind == "TypeError" else ValueError)(text)
-        if sum(r[0] for r in reports) == 0:
+        token_problem = next((r[4][0] for r in reports if r[4]), None)
+        if token_problem:
+            raise ValueError(token_problem)
+        unmatched = [k for k in token_matched if not any(r[5].get(k) for r in reports)]
+        if unmatched:
+            raise ValueError(describe_unmatched(config, unmatched))
+        if sum(r[0] for r in reports) == 0 and config.trainable_token_indices is None:
             raise ValueError(describe_no_match(config))
         missing = [e for i, e in enumerate(config.modules_to_save or []) if not any(r[1][i] for r in reports)]
         if missing:
@@ -141,18 +155,33 @@ class LoraModel(nn.Module):
         if reads_base_weight(config.init_lora_weights):
             # Collective (every rank, targets or not): factors and base weights from the full weights.
             init_adapter_from_base([m for _, m in self.lora_layers()], adapter_name, config, self.seed)
-        for local_name, module, untie_from in saved:
+        for local_name, module, plan in saved:
             if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name, untie_from)
+                module.update(adapter_name, plan)
             else:
-                wrapper = ModulesToSaveWrapper(module, adapter_name, untie_from, global_name=names[local_name])
+                wrapper = ModulesToSaveWrapper(module, adapter_name, plan, global_name=names[local_name])
                 _set_submodule(self.model, local_name, wrapper)
+        self._wrap_tokens(adapter_name, tokens)
         untied = sorted({name for r in reports for name in r[3]})
-        if untied and group_rank(dist.group.WORLD) == 0:
-            logger.warning(untied_message(untied))
+        notes = sorted({note for r in reports for note in r[6]})
+        if group_rank(dist.group.WORLD) == 0:
+            if untied:
+                logger.warning(untied_message(untied))
+            for note in notes:
+                logger.warning(note)
         mark_tied_embeddings(self.model)
         self.peft_config[adapter_name] = config
         self._mark_only_adapters_as_trainable(config)
+
+    def _wrap_tokens(self, adapter_name: str, tokens: list[TokenTarget]) -> None:
+        """Wrap (or extend) the layers ``trainable_token_indices`` selects, embeddings first."""
+        for target in tokens:
+            module = self.model.get_submodule(target.local_name)
+            if not isinstance(module, TrainableTokensLayer):
+                tied_to = self.model.get_submodule(target.tied_to) if target.tied_to else None
+                module = TrainableTokensLayer(module, target.global_name, target.saved_name, tied_to, target.synced)
+                _set_submodule(self.model, target.local_name, module)
+            module.update_layer(adapter_name, target.ids, target.source)
 
     def _wrap_grouped_experts(self, config: LoraConfig) -> Optional[str]:
         """Wrap the grouped experts ``target_parameters`` selects (see :mod:`megalora.layers.grouped`).
@@ -189,15 +218,9 @@ class LoraModel(nn.Module):
         self.replication = replicate_layers(self.model, wanted)
         self._layer_replication = wanted
 
-    def _tie_plan(self, local_name: str, config: LoraConfig):
-        """:func:`~megalora.layers.modules_to_save.tied_weight_plan` for the module at ``local_name``."""
-        parent_name, _, leaf = local_name.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        return tied_weight_plan(parent, leaf, config.ensure_weight_tying)
-
     def _mark_only_adapters_as_trainable(self, config: LoraConfig) -> None:
         for name, param in self.model.named_parameters():
-            if self.prefix not in name and ".modules_to_save." not in name:
+            if self.prefix not in name and ".modules_to_save." not in name and "trainable_tokens_delta" not in name:
                 param.requires_grad_(False)
         # As PEFT: the ``bias`` setting of every *active* adapter applies, so adding
         # an inactive adapter with bias="none" keeps the active one's biases trainable.
@@ -263,12 +286,16 @@ class LoraModel(nn.Module):
             # Replicated layers share base weights but not deltas: copy on merge.
             unshare_for_merge(layer, adapter_names)
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        for _, layer in self.token_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
             if layer.merged:
                 layer.unmerge()
             restore_shared(layer)
+        for _, layer in self.token_layers():
+            layer.unmerge()
 
     def _unload(self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names) -> nn.Module:
         layers = self.lora_layers()
@@ -283,10 +310,16 @@ class LoraModel(nn.Module):
                     layer.unmerge()
                 restore_shared(layer)
             _set_submodule(self.model, name, layer.get_base_layer())
+        for name, layer in self.token_layers():
+            if merge:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            else:
+                layer.unmerge()
+            _set_submodule(self.model, name, layer.get_base_layer())
+        configs = [self.peft_config[a] for a in self.active_adapters if a in self.peft_config]
+        untie = untied_owners(self.model, configs) if merge else []
         for name, wrapper in self.saved_module_wrappers():
             _set_submodule(self.model, name, unwrap(wrapper, keep_trained=merge))
-        for name, grouped in [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraGroupedMLP)]:
-            _set_submodule(self.model, name, grouped.base_layer)
         return list(self.model) if self.is_chunked else self.model
 
     @property

@@ -33,19 +33,34 @@ class ShardSpec:
             whole (plain layers, and replicated factors).
         chunks: The number of equal blocks along ``dim`` that are sharded
             independently (2 for a gated ``linear_fc1``).
+        rows: For a tensor split unevenly along dim 0 (trainable-token rows,
+            each owned by the rank whose vocab range holds its id): per rank,
+            the full tensor's row indices it holds, in order. ``dim`` is 0.
     """
 
     dim: Optional[int] = None
     chunks: int = 1
+    rows: Optional[tuple] = None
 
     @property
     def sharded(self) -> bool:
         return self.dim is not None
 
+    def full_shape(self, local_shape, world: int) -> tuple:
+        """The full tensor's shape, from one rank's shard shape."""
+        shape = list(local_shape)
+        if self.rows is not None:
+            shape[0] = sum(len(r) for r in self.rows)
+        elif self.sharded:
+            shape[self.dim] *= world
+        return tuple(shape)
+
     def local(self, full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
         """This rank's slice of ``full`` (a view-free contiguous copy)."""
         if self.dim is None or world == 1:
             return full.contiguous()
+        if self.rows is not None:
+            return full[list(self.rows[rank])].contiguous()
         size = full.shape[self.dim]
         if size % (self.chunks * world):
             raise ValueError(
@@ -59,6 +74,11 @@ class ShardSpec:
         """Inverse of :meth:`local` given every rank's shard, in rank order."""
         if self.dim is None or len(shards) == 1:
             return shards[0]
+        if self.rows is not None:
+            full = shards[0].new_empty(self.full_shape(shards[0].shape, len(shards)))
+            for index, shard in zip(self.rows, shards):
+                full[list(index)] = shard[: len(index)]
+            return full
         per_rank_blocks = [s.chunk(self.chunks, dim=self.dim) for s in shards]
         # One cat over the reordered views: the full tensor is allocated once.
         return torch.cat([p[c] for c in range(self.chunks) for p in per_rank_blocks], dim=self.dim)
@@ -86,6 +106,10 @@ def gather_full(local: torch.Tensor, spec: ShardSpec, group: ProcessGroup,
     """
     world = group_size(group)
     root = dst if group is None or dst is None else dist.get_global_rank(group, dst)
+    if spec.rows is not None and world > 1:
+        # Uneven shards: every rank sends as many rows as the largest holds.
+        pad = max(len(r) for r in spec.rows) - local.shape[0]
+        local = torch.cat([local, local.new_zeros((pad, *local.shape[1:]))]) if pad else local
     if dst is not None and group_rank(group) != dst:
         if spec.sharded and world > 1:
             dist.gather(local.contiguous(), None, dst=root, group=group)

@@ -57,9 +57,7 @@ def perturb(peft_model, adapter: str, scale: float = 0.05) -> None:
     from megalora.checkpoint import _adapter_entries
 
     for key, param, spec, group in _adapter_entries(peft_model, adapter):
-        shape = list(param.shape)
-        if spec.sharded:
-            shape[spec.dim] *= group_size(group)
+        shape = list(spec.full_shape(param.shape, group_size(group)))
         gen = torch.Generator().manual_seed(zlib.crc32(f"{key}|{adapter}".encode()))
         noise = spec.local(torch.randn(shape, generator=gen) * scale, group_rank(group), group_size(group))
         if key.endswith("lora_magnitude_vector"):

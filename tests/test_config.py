@@ -343,9 +343,7 @@ def test_to_json_string_matches_file(tmp_path):
 UNIMPLEMENTED = [
     (dict(init_lora_weights="lora_ga"), "init_lora_weights='lora_ga'"),
     (dict(init_lora_weights="mica"), "init_lora_weights='mica'"),
-    (dict(trainable_token_indices=[1]), "trainable_token_indices"),
     (dict(alora_invocation_tokens=[1], task_type="CAUSAL_LM"), "alora_invocation_tokens"),
-    (dict(ensure_weight_tying=True), "ensure_weight_tying"),
     (dict(velora_config={}), "velora_config"),
     (dict(monteclora_config={"num_samples": 2}), "monteclora_config"),
     (dict(use_bdlora={"nblocks": 2}), "use_bdlora"),
@@ -365,7 +363,8 @@ def test_raise_if_unimplemented(kwargs, name):
 @pytest.mark.parametrize("init", [True, False, "gaussian", "orthogonal", "pissa", "pissa_niter_3", "olora"])
 def test_implemented_options_pass(init):
     LoraConfig(init_lora_weights=init, target_modules=["linear_qkv"], rank_pattern={"a": 2}, bias="all",
-               use_rslora=True, exclude_modules=["x"], layers_to_transform=1).raise_if_unimplemented()
+               use_rslora=True, exclude_modules=["x"], layers_to_transform=1, trainable_token_indices=[1],
+               ensure_weight_tying=True).raise_if_unimplemented()
 
 
 # -- helpers -------------------------------------------------------------------------

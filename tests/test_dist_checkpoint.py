@@ -17,7 +17,9 @@ from tests import io_utils as U
 # Sparse layers and a per-layer r: a factor stacked on a layer axis could hold neither.
 DEFAULT = dict(layers_to_transform=[0, 2, 3], rank_pattern={"layers.3.mlp.linear_fc1": 8},
                modules_to_save=["output_layer"])
-DORA = dict(r=2, lora_alpha=4, use_dora=True, target_modules=["linear_fc1", "linear_proj"])
+# Trainable token rows on both halves of the vocab: each row is written by the TP rank that owns it.
+DORA = dict(r=2, lora_alpha=4, use_dora=True, target_modules=["linear_fc1", "linear_proj"],
+            trainable_token_indices=[3, 70, 127])
 # A vocab-split embedding LoRA, and QALoRA's A split along the pooled input of a row-parallel layer.
 EXTRA = {"dora": DORA, "emb": dict(r=2, lora_alpha=4, target_modules=["word_embeddings"]),
          "qalora": dict(r=2, lora_alpha=4, use_qalora=True, qalora_group_size=16, target_modules=["linear_fc2"])}

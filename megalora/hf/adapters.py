@@ -56,6 +56,51 @@ SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vec
 EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 
 
+TOKENS = "token_adapter.trainable_tokens_delta"
+# trainable_token_indices dict keys: megatron's names (megalora's) ↔ the HF module names PEFT matches.
+_MCORE_TOKEN_KEYS = {"embedding": "embedding.word_embeddings", "word_embeddings": "embedding.word_embeddings",
+                     "output_layer": "output_layer"}
+
+
+def split_tokens(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """``({module path: token rows}, the rest)``: trainable-token rows are full rows on either side."""
+    tokens, rest = {}, {}
+    for key, tensor in state.items():
+        body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if body.endswith("." + TOKENS):
+            tokens[body[: -len(TOKENS) - 1]] = tensor
+        else:
+            rest[key] = tensor
+    return tokens, rest
+
+
+def hf_token_indices(arch: Arch, indices):
+    """``trainable_token_indices`` for the HF model: the list form as is, dict keys as HF module names."""
+    if not isinstance(indices, dict):
+        return indices
+    out = {}
+    for key, ids in indices.items():
+        module = _MCORE_TOKEN_KEYS.get(key, key)
+        _, hprefix, rule = arch.rule_for_mcore(module)
+        out[(hprefix + rule.hf[0]).rpartition(".")[2]] = ids
+    return out
+
+
+def mcore_token_indices(arch: Arch, indices):
+    """The inverse of :func:`hf_token_indices` (HF module names, full or last part, to megatron's keys)."""
+    if not isinstance(indices, dict):
+        return indices
+    where = arch.hf_module_to_mcore()
+    out = {}
+    for key, ids in indices.items():
+        module = next((m for hf, (m, _) in where.items() if hf == key or hf.endswith("." + key)), None)
+        if module not in ("embedding.word_embeddings", "output_layer"):
+            raise ValueError(f"trainable_token_indices: {key!r} is not the embedding or the output head of the HF "
+                             f"{arch.model_type} model")
+        out["embedding" if module.startswith("embedding") else "output_layer"] = ids
+    return out
+
+
 def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
     """``{module path: {suffix: tensor}}`` from PEFT-style keys."""
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -170,6 +215,10 @@ def hf_adapter_from_mcore(arch: Arch, state: dict, ranks: dict, config: LoraConf
     experts' 3-D parameters (:mod:`megalora.hf.expert_adapters`).
     """
     hf_state, hf_ranks = {}, {}
+    tokens, state = split_tokens(state)
+    for module, rows in tokens.items():
+        _, hprefix, rule = arch.rule_for_mcore(module)
+        hf_state[f"{PREFIX}{hprefix}{rule.hf[0]}.{TOKENS}"] = rows
     modules, experts = split_expert_modules(_by_module(state, "the megalora adapter"))
     expert_state, expert_params = export_experts(experts, ranks, arch.num_experts, arch.hf_layer_prefix, PREFIX)
     hf_state.update(expert_state)
@@ -289,7 +338,8 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
                 lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, use_dora=config.use_dora,
                 lora_bias=config.lora_bias, bias=config.bias, init_lora_weights=True,
                 fan_in_fan_out=any(rule.conv1d for rule in arch.layer_rules), megatron_config=None,
-                inference_mode=True, **fields,
+                inference_mode=True, trainable_token_indices=hf_token_indices(arch, config.trainable_token_indices),
+                ensure_weight_tying=config.ensure_weight_tying, **fields,
             )
             write_adapter(directory, out_config, hf_state)
         except Exception as exc:  # re-raised on every rank below
@@ -357,6 +407,11 @@ def mcore_adapter_from_hf(arch: Arch, peft_config: LoraConfig, state: dict, sour
     grouped: dict[str, dict[int, tuple]] = {}
     out, ranks = {}, {}
     embeddings: dict[str, tuple] = {}
+    tokens, state = split_tokens(state)
+    for hf_module, rows in tokens.items():
+        if hf_module not in where:
+            raise ValueError(f"{source}: trainable tokens on {hf_module!r}, which the HF {arch.model_type} model lacks")
+        out[f"{PREFIX}{where[hf_module][0]}.{TOKENS}"] = rows
     for hf_module, tensors in _by_module(state, source).items():
         expert = import_experts(hf_module, tensors, peft_config.target_parameters, arch.num_experts,
                                 arch.hf_layer_prefix) if arch.num_experts else None
@@ -430,7 +485,9 @@ def import_peft_adapter(model, directory: str, adapter_name: str = "default", hf
         task_type="CAUSAL_LM", base_model_name_or_path=peft_config.base_model_name_or_path,
         lora_dropout=peft_config.lora_dropout, use_rslora=peft_config.use_rslora, use_dora=peft_config.use_dora,
         lora_bias=peft_config.lora_bias, bias=peft_config.bias, init_lora_weights=True,
-        use_qalora=peft_config.use_qalora, qalora_group_size=peft_config.qalora_group_size, **fields,
+        use_qalora=peft_config.use_qalora, qalora_group_size=peft_config.qalora_group_size,
+        trainable_token_indices=mcore_token_indices(arch, peft_config.trainable_token_indices),
+        ensure_weight_tying=peft_config.ensure_weight_tying, **fields,
     )
     with tempfile.TemporaryDirectory(prefix="megalora-import-") as tmp:
         write_adapter(tmp, config, state)

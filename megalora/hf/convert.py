@@ -13,6 +13,7 @@ only what it holds.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -117,8 +118,13 @@ class HFNames:
     def __init__(self, arch: Arch):
         self.arch = arch
         self._experts: dict[str, dict[int, torch.Tensor]] = {}  # HF 3-D expert tensor -> slices seen
+        self.untied = False
 
     def check(self, keys: list[str]) -> Optional[str]:
+        if self.arch.tied and "output_layer.weight" in keys:
+            # A tied model whose output layer trained its own weight (an untied
+            # modules_to_save copy): exported as an untied HF model, lm_head included.
+            self.arch, self.untied = dataclasses.replace(self.arch, tied=False), True
         want = self.arch.mcore_param_names()
         missing, extra = sorted(set(want) - set(keys)), sorted(set(keys) - set(want))
         if missing:

@@ -92,11 +92,12 @@ def export_hf_state_dict(model, hf_config=None, merge_adapters: bool = True) -> 
         ``state_dict()`` (a tied ``lm_head.weight`` is the embedding tensor).
     """
     arch = arch_from_hf(find_hf_config(model, hf_config))
-    sink, _ = stream_merged(model, _adapters(model, merge_adapters), HFNames(arch), lambda *_: _StateDict())
+    names = HFNames(arch)
+    sink, _ = stream_merged(model, _adapters(model, merge_adapters), names, lambda *_: _StateDict())
     if sink is None:
         return None
     state = sink.state
-    if arch.tied:
+    if arch.tied and not names.untied:
         _, hprefix, rule = arch.rule_for_mcore(EMBEDDING)
         state["lm_head.weight"] = state[f"{hprefix}{rule.hf[0]}.weight"]
     return state
@@ -142,12 +143,15 @@ def save_hf_pretrained(model, directory: str, hf_config=None, tokenizer=None, me
         max_shard_size: Bytes per weights file (int, or a string like ``"5GB"``).
     """
     hf_config = find_hf_config(model, hf_config)
-    written = write_merged(model, directory, HFNames(arch_from_hf(hf_config)), _adapters(model, merge_adapters),
-                           max_shard_size, progressbar=False)
+    names = HFNames(arch_from_hf(hf_config))
+    written = write_merged(model, directory, names, _adapters(model, merge_adapters), max_shard_size,
+                           progressbar=False)
     error = None
     if written is not None:
         try:
             config = clean_hf_config(hf_config)
+            if names.untied:  # an untied output-layer copy was trained: lm_head is its own tensor
+                config.tie_word_embeddings = False
             if written["dtype"] is not None:
                 config.dtype = written["dtype"]
             config.save_pretrained(directory)
