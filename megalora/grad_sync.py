@@ -16,9 +16,12 @@ group's ranks (always for dense layers; for experts when expert-TP equals
 TP). Every replicated factor also carries :data:`REPLICATED_ATTR`, and
 :func:`finalize_model_grads` (megatron-core's, plus one coalesced all-reduce
 per other group, only for layouts whose expert-TP group differs from the TP
-group and is larger than 1) sums the rest. With expert-TP 1 a factor is
-whole on its rank: it is tagged like a shard (counted once per rank in the
-gradient norm, as megatron-core tags the expert weights) and needs no sum.
+group and is larger than 1) sums the rest; since megatron-core's gradient
+norm drops TP duplicates by the dense TP rank, such a factor is marked
+``shared`` on the expert-TP ranks other than 0, which keeps it out of the
+norm there. With expert-TP 1 a factor is whole on its rank: it is tagged
+like a shard (counted once per rank in the gradient norm, as megatron-core
+tags the expert weights) and needs no sum.
 """
 
 from __future__ import annotations

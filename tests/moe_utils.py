@@ -169,8 +169,8 @@ def ddp_train(chunks, steps, lr=1e-2, optimizer="adamw"):
         optimizer: ``"adamw"`` or ``"sgd"``.
 
     Returns:
-        ``(losses, ddp_chunks)``: each step's mean micro-batch loss on the last
-        stage (``None`` elsewhere), and the DDP-wrapped chunks.
+        ``(losses, norms)``: each step's mean micro-batch loss on the last
+        stage (``None`` elsewhere), and megatron-core's global grad norm.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -193,13 +193,13 @@ def ddp_train(chunks, steps, lr=1e-2, optimizer="adamw"):
 
         return out, loss_func
 
-    losses = []
+    losses, norms = [], []
     for micro in steps:
         zero_grads(model, opt)
         out = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter(micro), model=model, num_microbatches=len(micro),
             seq_length=SEQ, micro_batch_size=BATCH, forward_only=False)
-        optimizer_step(opt, lr, 0.0)
+        norms.append(optimizer_step(opt, lr, 0.0))
         last = ps.is_pipeline_last_stage()
         losses.append(sum(d["loss"].item() for d in out) / len(out) if last else None)
-    return losses, model
+    return losses, norms

@@ -175,6 +175,10 @@ class _ParallelLoraLayer(LoraLayer):
                 mark_tp_sharded(entry.param, 0, 1)  # whole on this rank, unique in its group
             else:
                 mark_tp_replicated(entry.param, dense)
+                if not dense:
+                    # megatron-core's grad norm drops TP duplicates by the *dense* TP rank;
+                    # ``shared`` keeps the other expert-TP ranks' copies out of it instead.
+                    entry.param.shared = self.tp_rank != 0
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict = None) -> dict:
         """megatron-core distributed checkpointing: the base layer's tensors, then every adapter's.
