@@ -320,6 +320,10 @@ class LoraModel(nn.Module):
         untie = untied_owners(self.model, configs) if merge else []
         for name, wrapper in self.saved_module_wrappers():
             _set_submodule(self.model, name, unwrap(wrapper, keep_trained=merge))
+        for owner, weight in untie:
+            untie_owner(owner, weight)
+        for name, grouped in [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraGroupedMLP)]:
+            _set_submodule(self.model, name, grouped.base_layer)
         return list(self.model) if self.is_chunked else self.model
 
     @property

@@ -31,9 +31,7 @@ PEFT ignores ``use_qalora`` on ``nn.Linear``.
 
 from __future__ import annotations
 
-import re
 import tempfile
-from collections import Counter
 from typing import Optional
 
 import torch
@@ -47,58 +45,15 @@ from ..initializers.conversion import check_convertible, converted_state, initia
 from ..layers import LoraLayer
 from ..lora_math import alpha_for_scaling, scaling
 from ..targeting import global_module_names, pattern_value
-from .arch import MCORE_LAYER_PREFIX, Arch, arch_from_hf, layer_suffix
-from .expert_adapters import describe_parameters, export_experts, import_experts, split_expert_modules
+from .arch import MCORE_LAYER_PREFIX, Arch, arch_from_hf
+from .expert_adapters import export_experts, import_experts, split_expert_modules
+from .adapter_targets import describe_targets, module_universe, target_fields
 from .export import find_hf_config, model_chunks
+from .token_adapters import TOKENS, hf_token_indices, mcore_token_indices, split_tokens
 
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
 # An embedding LoRA (PEFT's lora.Embedding): copied as is, the embedding being one module on both sides.
 EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
-
-
-TOKENS = "token_adapter.trainable_tokens_delta"
-# trainable_token_indices dict keys: megatron's names (megalora's) ↔ the HF module names PEFT matches.
-_MCORE_TOKEN_KEYS = {"embedding": "embedding.word_embeddings", "word_embeddings": "embedding.word_embeddings",
-                     "output_layer": "output_layer"}
-
-
-def split_tokens(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """``({module path: token rows}, the rest)``: trainable-token rows are full rows on either side."""
-    tokens, rest = {}, {}
-    for key, tensor in state.items():
-        body = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if body.endswith("." + TOKENS):
-            tokens[body[: -len(TOKENS) - 1]] = tensor
-        else:
-            rest[key] = tensor
-    return tokens, rest
-
-
-def hf_token_indices(arch: Arch, indices):
-    """``trainable_token_indices`` for the HF model: the list form as is, dict keys as HF module names."""
-    if not isinstance(indices, dict):
-        return indices
-    out = {}
-    for key, ids in indices.items():
-        module = _MCORE_TOKEN_KEYS.get(key, key)
-        _, hprefix, rule = arch.rule_for_mcore(module)
-        out[(hprefix + rule.hf[0]).rpartition(".")[2]] = ids
-    return out
-
-
-def mcore_token_indices(arch: Arch, indices):
-    """The inverse of :func:`hf_token_indices` (HF module names, full or last part, to megatron's keys)."""
-    if not isinstance(indices, dict):
-        return indices
-    where = arch.hf_module_to_mcore()
-    out = {}
-    for key, ids in indices.items():
-        module = next((m for hf, (m, _) in where.items() if hf == key or hf.endswith("." + key)), None)
-        if module not in ("embedding.word_embeddings", "output_layer"):
-            raise ValueError(f"trainable_token_indices: {key!r} is not the embedding or the output head of the HF "
-                             f"{arch.model_type} model")
-        out["embedding" if module.startswith("embedding") else "output_layer"] = ids
-    return out
 
 
 def _by_module(state: dict[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -130,54 +85,6 @@ def _alpha_for(scale: float, r: int, rslora: bool) -> float:
     """The ``lora_alpha`` PEFT's config gets: an int where it is whole, as PEFT writes it."""
     alpha = lora_math.alpha_for_scaling(scale, r, rslora)
     return int(alpha) if float(alpha).is_integer() else alpha
-
-
-def describe_targets(ranks: dict[str, tuple[int, float]], universe: list[str], layer_prefix: str) -> dict:
-    """LoraConfig fields that select exactly the modules of ``ranks``, with their r and alpha.
-
-    Tries, in order, leaf names (``q_proj``), paths inside a layer
-    (``self_attn.q_proj``), either with ``layers_to_transform``, and last the
-    full module names. Rank and alpha patterns use the shortest of those
-    names under which the value is uniform.
-
-    Args:
-        ranks: ``{module path: (r, alpha)}`` of the adapted modules.
-        universe: Every linear module path of the model.
-        layer_prefix: ``"model.layers.{i}."`` style prefix of the layer stack.
-    """
-    wanted = set(ranks)
-    where = {name: layer_suffix(name, layer_prefix) for name in set(universe) | wanted}
-    namings = (lambda n: n.rpartition(".")[2], lambda n: where[n][1])
-
-    def selected(targets, layers=None):
-        return {u for u in universe
-                if (u in targets or any(u.endswith("." + t) for t in targets))
-                and (layers is None or where[u][0] in layers)}
-
-    layer_set = sorted({where[n][0] for n in wanted if where[n][0] is not None})
-    targets, layers = sorted(wanted), None
-    for with_layers in (False, True):
-        found = next((sorted({name_of(n) for n in wanted}) for name_of in namings
-                      if selected({name_of(n) for n in wanted}, set(layer_set) if with_layers else None) == wanted),
-                     None)
-        if found is not None:
-            targets, layers = found, (layer_set if with_layers else None)
-            break
-    r = Counter(v[0] for v in ranks.values()).most_common(1)[0][0]
-    alpha = Counter(v[1] for v in ranks.values()).most_common(1)[0][0]
-    patterns = ({}, {})
-    for field, default in ((0, r), (1, alpha)):
-        for name, values in sorted(ranks.items()):
-            if values[field] == default:
-                continue
-            key = name
-            for name_of in namings:
-                if len({v[field] for n, v in ranks.items() if name_of(n) == name_of(name)}) == 1:
-                    key = name_of(name)
-                    break
-            patterns[field][re.escape(key)] = values[field]
-    return dict(target_modules=targets, layers_to_transform=layers, r=r, lora_alpha=alpha,
-                rank_pattern=patterns[0], alpha_pattern=patterns[1])
 
 
 # ---------------------------------------------------------------------- export
@@ -245,32 +152,9 @@ def hf_adapter_from_mcore(arch: Arch, state: dict, ranks: dict, config: LoraConf
     return hf_state, hf_ranks, expert_params
 
 
-def _target_fields(arch: Arch, hf_ranks: dict, expert_params: dict) -> dict:
-    """PEFT config fields selecting the HF modules (``target_modules``) and expert tensors (``target_parameters``)."""
-    if hf_ranks:
-        fields = describe_targets(hf_ranks, _universe(arch.linear_hf_modules(), hf_ranks), arch.hf_layer_prefix)
-    else:
-        r, alpha = Counter(expert_params.values()).most_common(1)[0][0]
-        fields = dict(target_modules=[], layers_to_transform=None, r=r, lora_alpha=alpha, rank_pattern={},
-                      alpha_pattern={})
-    if expert_params:
-        fields["target_parameters"] = describe_parameters(expert_params, arch.hf_layer_prefix, arch.num_layers)
-        for name, (r, alpha) in sorted(expert_params.items()):
-            if r != fields["r"]:
-                fields["rank_pattern"][re.escape(name)] = r
-            if alpha != fields["lora_alpha"]:
-                fields["alpha_pattern"][re.escape(name)] = alpha
-    return fields
-
-
 def _is_embedding_lora(rule, tensors: dict) -> bool:
     """Whether ``tensors`` are an embedding LoRA on ``rule``'s one-to-one embedding module."""
     return not rule.linear and len(rule.hf) == 1 and set(tensors) <= set(EMBEDDING_SUFFIXES)
-
-
-def _universe(modules: list[str], ranks: dict) -> list[str]:
-    """The modules target names are matched in: every linear one, and the adapted embeddings."""
-    return modules + sorted(set(ranks) - set(modules))
 
 
 def _local_ranks(peft_model, adapter: str) -> dict[str, tuple[int, float]]:
@@ -331,7 +215,7 @@ def export_peft_adapter(peft_model, directory: str, hf_config=None, adapter_name
             if convert:
                 state = converted_state(state, initial)
             hf_state, hf_ranks, expert_params = hf_adapter_from_mcore(arch, state, ranks, config, compact)
-            fields = _target_fields(arch, hf_ranks, expert_params)
+            fields = target_fields(arch, hf_ranks, expert_params)
             out_config = LoraConfig(
                 task_type=config.task_type or "CAUSAL_LM",
                 base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
@@ -480,7 +364,7 @@ def import_peft_adapter(model, directory: str, adapter_name: str = "default", hf
         problem = f"{directory}: modules_to_save={peft_config.modules_to_save} is not supported by the HF import"
     agree_or_raise(problem)
     state, ranks = mcore_adapter_from_hf(arch, peft_config, read_adapter_tensors(directory), directory)
-    fields = describe_targets(ranks, _universe(arch.linear_mcore_modules(), ranks), MCORE_LAYER_PREFIX)
+    fields = describe_targets(ranks, module_universe(arch.linear_mcore_modules(), ranks), MCORE_LAYER_PREFIX)
     config = LoraConfig(
         task_type="CAUSAL_LM", base_model_name_or_path=peft_config.base_model_name_or_path,
         lora_dropout=peft_config.lora_dropout, use_rslora=peft_config.use_rslora, use_dora=peft_config.use_dora,
