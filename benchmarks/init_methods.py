@@ -48,9 +48,10 @@ HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=["pissa", "pissa_niter_4", "olora", "loftq"])
-    p.add_argument("--tps", nargs="+", type=int, default=[1, 3])
+    p.add_argument("--tps", nargs="*", type=int, default=[1, 3])
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--peft-threads", type=int, default=None, help="torch threads of the PEFT process (default torch's)")
     p.add_argument("--json", help="also write the results to this file")
     return p.parse_args(argv)
 
@@ -120,6 +121,8 @@ def run_peft(args) -> dict:
 
     import megalora.hf as H
 
+    if args.peft_threads:
+        torch.set_num_threads(args.peft_threads)
     hf = H.load_hf_model(None)
     times, cpu = {}, {}
     for method in args.methods:
