@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from . import lazy_compile as _lazy_compile
 
-_lazy_compile.import_megatron_jit()  # before anything imports megatron: a faster import
+_lazy_compile.install()  # megatron's import then skips torch's compiler (see lazy_compile)
 
 from .config import LoraConfig
 from .model import LoraModel, PeftModel, get_peft_model

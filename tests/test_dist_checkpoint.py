@@ -20,17 +20,19 @@ DEFAULT = dict(layers_to_transform=[0, 2, 3], rank_pattern={"layers.3.mlp.linear
 # Trainable token rows on both halves of the vocab: each row is written by the TP rank that owns it.
 DORA = dict(r=2, lora_alpha=4, use_dora=True, target_modules=["linear_fc1", "linear_proj"],
             trainable_token_indices=[3, 70, 127])
-# A vocab-split embedding LoRA, and QALoRA's A split along the pooled input of a row-parallel layer.
-EXTRA = {"dora": DORA, "emb": dict(r=2, lora_alpha=4, target_modules=["word_embeddings"]),
+# QALoRA's A split along the pooled input of a row-parallel layer.
+EXTRA = {"dora": DORA,
          "qalora": dict(r=2, lora_alpha=4, use_qalora=True, qalora_group_size=16, target_modules=["linear_fc2"])}
-ADAPTERS = ("default", *EXTRA)
+# A vocab-split embedding LoRA: a model of its own, since trainable tokens and LoRA cannot share the
+# embedding (PEFT's rule too).
+EXTRA_EMBEDDING = {"emb": dict(r=2, lora_alpha=4, target_modules=["word_embeddings"])}
 
 
-def _adapted(model):
+def _adapted(model, extra=None):
     import megalora
 
     peft = megalora.get_peft_model(model, U.lora_config(**DEFAULT))
-    for name, config in EXTRA.items():
+    for name, config in (EXTRA if extra is None else extra).items():
         peft.add_adapter(name, U.lora_config(**config))
     return peft
 
@@ -48,15 +50,17 @@ def _sharded_keys_body():
     return out
 
 
-def _round_trip_body(root: str):
+def _round_trip_body(root: str, embedding: bool = False):
     from megalora.dist_checkpoint import load_adapter_dist_checkpoint, save_adapter_dist_checkpoint
     from megalora.parallel_start import destroy_parallel
 
+    extra = EXTRA_EMBEDDING if embedding else EXTRA
+    adapters = ("default", *extra)
     full = U.reference_weights()
-    peft = _adapted(U.build(full, tp=2))
-    for adapter in ADAPTERS:
+    peft = _adapted(U.build(full, tp=2), extra)
+    for adapter in adapters:
         U.perturb(peft, adapter)
-    saved = {a: U.gathered(peft, a) for a in ADAPTERS}
+    saved = {a: U.gathered(peft, a) for a in adapters}
     path = os.path.join(root, "ckpt")
     save_adapter_dist_checkpoint(peft, path)
     errors = {}
@@ -68,10 +72,10 @@ def _round_trip_body(root: str):
 
     checked = []
     for name, layout in (("tp1", {}), ("tp2-pp2-vpp2", dict(tp=2, pp=2, vpp=2))):
-        peft = _adapted(U.build(full, **layout))
+        peft = _adapted(U.build(full, **layout), extra)
         before = U.gathered(peft, "default")
         load_adapter_dist_checkpoint(peft, path)
-        for adapter in ADAPTERS:
+        for adapter in adapters:
             got = U.gathered(peft, adapter)
             assert got.keys() == saved[adapter].keys(), (name, sorted(got.keys() ^ saved[adapter].keys())[:4])
             for key in got:
@@ -79,6 +83,8 @@ def _round_trip_body(root: str):
         assert any(not torch.equal(before[k], saved["default"][k]) for k in before), "the load changed nothing"
         checked.append(name)
         destroy_parallel()
+    if embedding:
+        return checked, {}
 
     import megalora
 
@@ -112,3 +118,7 @@ def test_adapter_dist_checkpoint_reshards(dist4, tmp_path):
     assert "is not empty" in errors["not-empty"]
     assert "shape mismatch" in errors["r"] and "another r" in errors["r"]
     assert "cannot read the distributed checkpoint" in errors["no-checkpoint"]
+
+
+def test_embedding_lora_dist_checkpoint_reshards(dist4, tmp_path):
+    assert dist4(_round_trip_body, str(tmp_path), True, timeout_s=600)[0][0] == ["tp1", "tp2-pp2-vpp2"]

@@ -11,11 +11,13 @@ PROBE = """
 import sys, torch
 original = torch.compile
 import megalora
+assert "megatron" not in sys.modules, "import megalora imported megatron"
 from megatron.core.models.gpt import GPTModel  # imports every jit_fuser-decorated fusion
 from megatron.core import jit
 assert torch.compile is original, "torch.compile was not put back"
 assert "torch._inductor" not in sys.modules, "megatron's import still compiled something"
 assert jit.jit_fuser is not original and jit.jit_fuser.__module__ == "megalora.lazy_compile"
+assert not any(type(f).__name__ == "_JitFinder" for f in sys.meta_path), "the import hook stayed"
 print("ok")
 """
 
