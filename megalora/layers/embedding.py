@@ -61,6 +61,14 @@ class _EmbeddingLora:
     # Set by the model when the output layer reads this embedding's table (tied embeddings).
     tied_output = False
 
+    def _full_features(self) -> tuple[int, int]:
+        base = self.get_base_layer()
+        return base.num_embeddings, base.embedding_dim
+
+    def base_weight_oi(self) -> torch.Tensor:
+        # The table is [vocab, dim]: as a linear map on one-hot ids its (out, in) weight is the transpose.
+        return self.get_base_layer().weight.T
+
     def _accept_peft_keys(self) -> None:
         """Let ``load_state_dict`` take PEFT's in-memory keys (``lora_embedding_A.<adapter>``) too."""
 
@@ -136,13 +144,6 @@ class LoraEmbedding(_EmbeddingLora, LoraLayer):
         super().__init__(base_layer, global_name=global_name)
         self._accept_peft_keys()
 
-    def _full_features(self) -> tuple[int, int]:
-        base = self.get_base_layer()
-        return base.num_embeddings, base.embedding_dim
-
-    def base_weight_oi(self) -> torch.Tensor:
-        return self.get_base_layer().weight.T
-
     def _set_base_weight_oi(self, weight: torch.Tensor) -> None:
         base = self.get_base_layer()
         base.weight.data = weight.T.to(base.weight.dtype).contiguous()
@@ -170,13 +171,6 @@ class LoraVocabParallelEmbedding(_EmbeddingLora, _ParallelLoraLayer):
     def __init__(self, base_layer: nn.Module, *, global_name: str = ""):
         super().__init__(base_layer, global_name=global_name)
         self._accept_peft_keys()
-
-    def _full_features(self) -> tuple[int, int]:
-        base = self.get_base_layer()
-        return base.num_embeddings, base.embedding_dim
-
-    def base_weight_oi(self) -> torch.Tensor:
-        return self.get_base_layer().weight.T
 
     def _set_base_weight_oi(self, weight: torch.Tensor) -> None:
         # In place, so megatron-core's attributes and DDP buffers stay attached.
