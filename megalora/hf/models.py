@@ -136,13 +136,17 @@ def load_hf_config(source=None):
 
 
 def load_hf_tokenizer(source=None):
-    """The tokenizer of a path source (GGUF files carry theirs)."""
+    """The tokenizer of a path source (GGUF files carry theirs: built once, then read from the cache)."""
     from transformers import AutoTokenizer
 
     if is_hf_model(source):
         raise TypeError("load_hf_tokenizer needs a path source (or None for SmolLM2), not a model in memory")
     files = resolve_files(source)
-    return AutoTokenizer.from_pretrained(files.directory, **files.from_pretrained_kwargs())
+    if files.gguf_file:
+        from .cache import cached_tokenizer
+
+        return cached_tokenizer(files)
+    return AutoTokenizer.from_pretrained(files.directory)
 
 
 def clean_hf_config(hf_config):

@@ -223,9 +223,12 @@ def check_model_fits(cfg: JobConfig) -> None:
     if cfg.model.source != "hf":
         return
     from ..hf.build import check_layout_fits_model, weight_source
+    from ..hf.cache import cached_config_fields
+    from ..hf.models import resolve_files
 
     p = cfg.parallel
-    check_layout_fits_model(weight_source(cfg.model.hf_path).hf_config, p.tp, p.pp, p.vpp)
+    hf_config = cached_config_fields(resolve_files(cfg.model.hf_path)) or weight_source(cfg.model.hf_path).hf_config
+    check_layout_fits_model(hf_config, p.tp, p.pp, p.vpp)
 
 
 def build_chunks(cfg: JobConfig, vocab_size: int) -> list:
