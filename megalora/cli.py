@@ -210,7 +210,7 @@ def _run_here_or_launch(args, argv: Sequence[str], body, precheck=None) -> int:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         body(cfg)
         return 0
-    from .training.config import check_batch_sizes
+    from .training.checks import check_batch_sizes
 
     check_batch_sizes(cfg, nproc)  # batch sizes against the data parallelism --nproc implies
     _precheck(args, cfg)
@@ -293,7 +293,7 @@ SINGLE_OVERRIDES = ("parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "para
 
 def _verify(args, _argv) -> int:
     from .training import load
-    from .training.config import check_batch_sizes
+    from .training.checks import check_batch_sizes
     from .training.models import check_model_fits
     from .training.verify import compare_runs, format_verify
 

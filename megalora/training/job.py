@@ -25,7 +25,8 @@ from ..atomic_write import write_json
 from ..collectives import agree_or_raise, broadcast_object
 from ..launch_env import detect_launch_env
 from . import state as ckpt
-from .config import JobConfig, check_batch_sizes, data_parallel_size
+from .checks import check_batch_sizes, data_parallel_size
+from .config import JobConfig
 from .generate import greedy_generate
 from .loop import StepResult, evaluate, train_step
 from .models import build_chunks, hf_config_of, model_vocab_size

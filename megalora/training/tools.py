@@ -11,7 +11,8 @@ import os
 
 import torch.distributed as dist
 
-from .config import JobConfig, check_batch_sizes
+from .checks import check_batch_sizes
+from .config import JobConfig
 
 MERGED_WEIGHTS = "model.safetensors"
 

@@ -23,9 +23,11 @@ from tests.cli.test_cli import ROOT, TINY, _verify_report
 
 FAST = ["train.steps=4", "data.num_train=32", "data.num_eval=8", "train.eval_every=0", "train.log_every=0",
         "job.max_new_tokens=4", "job.plot=false"]
-# One step: the job's every phase still runs (base eval, answer, save, HF PEFT export, merge check).
-SMOL_FAST = ["train.steps=1", "data.num_train=16", "data.num_eval=16", "train.eval_every=0", "job.max_new_tokens=2",
-             "job.plot=false"]
+# One step of 4 examples: the job's every phase still runs (base eval, answer, save, HF PEFT export, merge
+# check); a SmolLM2 forward of 16 sequences costs ~3 s on 2 cores, so every batch is 4.
+SMOL_FAST = ["train.steps=1", "data.num_train=4", "data.num_eval=4", "train.micro_batch_size=4",
+             "train.global_batch_size=4", "train.eval_micro_batch_size=4", "train.eval_every=0",
+             "job.max_new_tokens=2", "job.plot=false"]
 # verify examples run 2 steps (their report is asserted, see _assert_verified).
 VERIFY_FAST = ["--steps", "2", "--json"]
 
@@ -33,7 +35,7 @@ VERIFY_FAST = ["--steps", "2", "--json"]
 def test_every_example_is_exercised():
     """Each printed example is of a kind this suite runs; the ones not run as printed pass the parent's checks."""
     from megalora.training import load
-    from megalora.training.config import check_batch_sizes
+    from megalora.training.checks import check_batch_sizes
 
     unknown = [(where, cmd) for where, cmd in EX.all_examples() if not EX.kind(cmd)]
     assert not unknown, f"examples no test exercises (teach tests/cli_examples.kind about them): {unknown}"
@@ -67,6 +69,8 @@ def _argv(cmd: str, fast: list[str]) -> list[str]:
     elif words[0] == "launch/torchrun.sh":
         words = ["bash", *words]
     extra = fast if verb in ("train", "verify") else []
+    if verb == "generate" and "--max-new-tokens" not in words:  # each new token is a forward pass
+        extra = ["--max-new-tokens", "2"]
     if verb == "verify":
         extra = [*extra, *VERIFY_FAST]
     return [*words, *extra]
@@ -158,7 +162,7 @@ def test_smollm2_examples(tmp_path):
     from safetensors.torch import load_file
 
     from megalora.training import load
-    from megalora.training.config import check_batch_sizes
+    from megalora.training.checks import check_batch_sizes
 
     work = _scratch(tmp_path)
     # Rejected in this process, before any rank starts (9 heads, TP=5).

@@ -152,7 +152,7 @@ def test_config_overrides_and_errors(tmp_path):
 
 def test_layout_check_names_the_fix():
     from megalora.training import load
-    from megalora.training.config import check_batch_sizes
+    from megalora.training.checks import check_batch_sizes
 
     cfg = load(TINY, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2", "model.num_layers=4",
                       "train.global_batch_size=8", "train.micro_batch_size=4"])
