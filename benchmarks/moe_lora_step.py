@@ -33,17 +33,16 @@ differently and message sizes differ; the number of calls does not) under ``mega
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
-import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure  # noqa: E402
 
 CONFIGS = ("frozen", "lora")
 RANK, ALPHA = 16, 32
@@ -99,7 +98,6 @@ class Setup:
         self.name, self.model, self.sync = name, model, sync
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=1e-4) if self.params else None
-        self.losses = []
 
 
 def make_setup(name: str, args) -> Setup:
@@ -144,82 +142,28 @@ def train_step(setup: Setup, batch) -> float:
 
 def worker(rank: int, args, out_path: str) -> None:
     import megalora
-    from megalora.testing.collective_counter import count_collectives
 
     torch.set_num_threads(1)
     megalora.init_parallel(expert_model_parallel_size=args.ep)
     setups = [make_setup(n, args) for n in CONFIGS]
     batch = make_batch(args)
-    times = {n: [] for n in CONFIGS}
-    cpu = {n: [] for n in CONFIGS}
-    for r in range(args.warmup + args.steps):
-        order = setups[r % len(setups):] + setups[:r % len(setups)]
-        for s in order:
-            dist.barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
-            s.losses.append(train_step(s, batch))
-            dist.barrier()
-            if r >= args.warmup:
-                times[s.name].append(time.perf_counter() - t0)
-                cpu[s.name].append(time.process_time() - c0)
-    collectives = {}
-    for s in setups:
-        with count_collectives() as log:
-            train_step(s, batch)
-        shapes = {}
-        for name, shape in log.shapes:
-            key = f"{name}{list(shape)}"
-            shapes[key] = shapes.get(key, 0) + 1
-        collectives[s.name] = dict(calls=dict(log.calls), shapes=shapes)
-    params = {s.name: (sum(p.numel() for p in s.model.parameters()), sum(p.numel() for p in s.params))
-              for s in setups}
-    result = dict(times=times, cpu=cpu, collectives=collectives, params=params,
-                  losses={s.name: s.losses for s in setups})
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(gathered, f)
+    steps = {s.name: (lambda s=s: train_step(s, batch)) for s in setups}
+    times, cpu, losses = measure.time_interleaved(steps, args.steps, args.warmup, barrier=dist.barrier)
+    collectives = {s.name: measure.step_collectives(steps[s.name]) for s in setups}
+    params = {s.name: measure.param_counts(s.model) for s in setups}
+    measure.write_gathered(dict(times=times, cpu=cpu, collectives=collectives, params=params, losses=losses),
+                           out_path)
     megalora.parallel_start.destroy_parallel()
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker_entry(rank: int, args, out_path: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
-    worker(rank, args, out_path)
-
-
-def spawn(args) -> list:
-    import torch.multiprocessing as mp
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(args.ep),
-                      OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1")
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "result.json")
-        mp.spawn(_worker_entry, args=(args, out_path), nprocs=args.ep, join=True)
-        with open(out_path) as f:
-            return json.load(f)
-
-
-def _median_of_slowest(ranks: list, key: str, name: str) -> float:
-    rounds = len(ranks[0][key][name])
-    return statistics.median(max(r[key][name][i] for r in ranks) for i in range(rounds))
-
-
 def report(args, ranks: list, load: tuple) -> dict:
-    wall = {n: _median_of_slowest(ranks, "times", n) for n in CONFIGS}
-    cpu = {n: _median_of_slowest(ranks, "cpu", n) for n in CONFIGS}
+    wall = {n: measure.median_of_slowest(ranks, "times", n) for n in CONFIGS}
+    cpu = {n: measure.median_of_slowest(ranks, "cpu", n) for n in CONFIGS}
     rank0 = ranks[0]
     a2a = {n: rank0["collectives"][n]["calls"].get("all_to_all_single", 0) for n in CONFIGS}
     calls = {n: rank0["collectives"][n]["calls"] for n in CONFIGS}
-    extra = {k: calls["lora"].get(k, 0) - calls["frozen"].get(k, 0)
-             for k in set(calls["lora"]) | set(calls["frozen"]) if calls["lora"].get(k, 0) != calls["frozen"].get(k, 0)}
+    extra = measure.diff_counts(calls["lora"], calls["frozen"])
     print(f"\nMoE GPT: {args.layers} layers, hidden {args.hidden}, {args.experts} experts top-{args.topk} + shared "
           f"(ffn {args.ffn}), seq {args.seq}, micro-batch {args.mbs}, fp32; EP={args.ep} on CPU (gloo, 1 thread "
           f"per rank), {args.dispatcher} dispatcher; {args.steps} timed rounds; LoRA r={RANK} on routed experts")
@@ -240,12 +184,10 @@ def report(args, ranks: list, load: tuple) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     t0, load0 = time.time(), os.getloadavg()[0]
-    ranks = spawn(args)
+    ranks = measure.spawn_ranks(worker, args.ep, (args,), env=measure.ONE_THREAD_ENV)
     out = report(args, ranks, (load0, os.getloadavg()[0]))
     print(f"(wall time of the whole run: {time.time() - t0:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), **out), f, indent=1)
+    measure.write_json(args.json, args, out)
 
 
 if __name__ == "__main__":

@@ -44,16 +44,15 @@ Method:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
-import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure  # noqa: E402
 
 CONFIGS = ("full", "frozen", "megalora", "peft")
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
@@ -194,7 +193,6 @@ class Setup:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=1e-4) if self.params else None
         self.sync = sync
-        self.losses = []
 
 
 def _embedding_output_requires_grad(module, inputs, output):
@@ -231,10 +229,14 @@ def make_setup(name: str, args) -> Setup:
     raise ValueError(f"unknown configuration {name!r}; choose from {CONFIGS}")
 
 
+def loss_of(setup: Setup, batch) -> torch.Tensor:
+    return setup.model(**batch).float().mean()
+
+
 def train_step(setup: Setup, batch) -> float:
     if setup.opt is not None:
         setup.opt.zero_grad(set_to_none=True)
-    loss = setup.model(**batch).float().mean()
+    loss = loss_of(setup, batch)
     loss.backward()
     if setup.sync is not None:
         setup.sync()
@@ -243,156 +245,75 @@ def train_step(setup: Setup, batch) -> float:
     return loss.item()
 
 
-def saved_activation_mib(setup: Setup, batch) -> float:
-    """MiB of tensors autograd saves for backward in one forward, parameters left out.
-
-    Counted by storage, once each, through ``saved_tensors_hooks``: what a
-    configuration keeps alive between forward and backward, free of the
-    allocator's slack that the RSS figure includes.
-    """
-    params = {p.untyped_storage().data_ptr() for p in setup.model.parameters()}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = setup.model(**batch).float().mean()
-    loss.backward()  # run (and free) the graph, so that no collective is left pending
-    if setup.opt is not None:
-        setup.opt.zero_grad(set_to_none=True)
-    return sum(storages.values()) / 2**20
-
-
 # --------------------------------------------------------------------------
 # Rank bodies
 
 
-def _init(rank: int, args) -> None:
+def _init(args) -> None:
     import megalora
 
-    os.environ["RANK"] = str(rank)
-    os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
     megalora.init_parallel(tensor_model_parallel_size=args.tp, seed=1234)
 
 
-def time_worker(rank: int, args, out_path: str) -> None:
-    """Build every configuration, time interleaved steps, count collectives."""
-    from megalora.testing.collective_counter import count_collectives
-
-    _init(rank, args)
+def time_worker(rank: int, args, make, names: list, out_path: str) -> None:
+    """Build every configuration with ``make(name, args)``, time interleaved steps, count collectives."""
+    _init(args)
     batch = make_batch(args)
-    setups = [make_setup(name, args) for name in args.configs]
-    times = {s.name: [] for s in setups}
-    cpu_times = {s.name: [] for s in setups}
-    for round_ in range(args.warmup + args.steps):
-        k = round_ % len(setups)
-        for setup in setups[k:] + setups[:k]:
-            dist.barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
-            loss = train_step(setup, batch)
-            c1 = time.process_time()
-            dist.barrier()
-            if round_ >= args.warmup:
-                times[setup.name].append(time.perf_counter() - t0)
-                cpu_times[setup.name].append(c1 - c0)
-            setup.losses.append(loss)
-    collectives = {}
-    for setup in setups:
-        with count_collectives() as log:
-            train_step(setup, batch)
-        shapes = {}
-        for label, shape in log.shapes:
-            key = f"{label}{list(shape)}"
-            shapes[key] = shapes.get(key, 0) + 1
-        collectives[setup.name] = dict(calls=dict(log.calls), bytes=dict(log.bytes), shapes=shapes)
-    saved = {setup.name: saved_activation_mib(setup, batch) for setup in setups}
-    result = dict(
-        saved_mib=saved,
-        times=times,
-        cpu_times=cpu_times,
-        collectives=collectives,
-        losses={s.name: s.losses for s in setups},
-        params={s.name: (sum(p.numel() for p in s.model.parameters()), sum(p.numel() for p in s.params))
-                for s in setups},
-    )
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(gathered, f)
+    setups = [make(name, args) for name in names]
+    steps = {s.name: (lambda s=s: train_step(s, batch)) for s in setups}
+    times, cpu_times, losses = measure.time_interleaved(steps, args.steps, args.warmup, barrier=dist.barrier)
+    collectives = {s.name: measure.step_collectives(steps[s.name]) for s in setups}
+    saved = {s.name: measure.saved_activation_mib(s.model, lambda s=s: loss_of(s, batch), s.opt) for s in setups}
+    measure.write_gathered(dict(saved_mib=saved, times=times, cpu_times=cpu_times, collectives=collectives,
+                                losses=losses, params={s.name: measure.param_counts(s.model) for s in setups}),
+                           out_path)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def memory_worker(rank: int, args, name: str, out_path: str) -> None:
+def memory_worker(rank: int, args, make, name: str, out_path: str) -> None:
     """One configuration alone: RSS high-water mark above the post-import baseline."""
     import megalora  # noqa: F401  (every run imports the same modules before the baseline)
     import peft  # noqa: F401
 
-    _init(rank, args)
+    _init(args)
     batch = make_batch(args)
     dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    baseline = _status_kib("VmRSS")
-    setup = make_setup(name, args)
+    baseline = measure.reset_peak_rss()
+    setup = make(name, args)
     for _ in range(args.mem_steps):
         train_step(setup, batch)
-    peak = _status_kib("VmHWM")
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(baseline_kib=baseline, peak_kib=peak))
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(gathered, f)
+    measure.write_gathered(dict(baseline_kib=baseline, peak_kib=measure.peak_rss_kib()), out_path)
 
 
 # --------------------------------------------------------------------------
 # Driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(fn, args, *extra) -> list:
-    """Run ``fn(rank, args, *extra, out_path)`` on ``args.tp`` fresh ranks; rank 0's JSON result."""
-    import torch.multiprocessing as mp
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(args.tp),
-        # One thread per rank: the ranks share the machine's cores.
-        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1",
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "result.json")
-        mp.spawn(fn, args=(args, *extra, out_path), nprocs=args.tp, join=True)
-        with open(out_path) as f:
-            return json.load(f)
+    """Run ``fn(rank, args, *extra, out_path)`` on ``args.tp`` fresh ranks, one thread each; every rank's result."""
+    return measure.spawn_ranks(fn, args.tp, (args, *extra), env=measure.ONE_THREAD_ENV)
 
 
-def _diff_shapes(a: dict, b: dict) -> dict:
-    """Collectives (by name and shape) in ``a`` beyond those in ``b``; negative counts are fewer."""
-    keys = sorted(set(a) | set(b))
-    return {k: a.get(k, 0) - b.get(k, 0) for k in keys if a.get(k, 0) != b.get(k, 0)}
+def run_all(args, make, names: list, progress: bool) -> tuple:
+    """Time ``names`` together, then (unless ``--skip-memory``) each alone for its peak memory.
 
-
-def _median_of_slowest(timing: list, key: str, name: str) -> float:
-    """Median over rounds of the slowest rank's time in that round."""
-    rounds = len(timing[0][key][name])
-    return statistics.median(max(r[key][name][i] for r in timing) for i in range(rounds))
+    Returns:
+        ``(timing, memory, load)``: every rank's timing result, peak MiB per
+        name, and the 1-minute load average before and after the timing.
+    """
+    load0 = os.getloadavg()[0]
+    if progress:
+        print(f"timing {', '.join(names)}, interleaved, on {args.tp} ranks ...", flush=True)
+    timing = spawn(time_worker, args, make, names)
+    load1 = os.getloadavg()[0]
+    memory = {}
+    if not args.skip_memory:
+        for name in names:
+            if progress:
+                print(f"peak memory of {name}, in its own processes ...", flush=True)
+            ranks = spawn(memory_worker, args, make, name)
+            memory[name] = max(r["peak_kib"] - r["baseline_kib"] for r in ranks) / 1024
+    return timing, memory, (load0, load1)
 
 
 GOALS = {("megalora", "frozen"): "time <= 1.07", ("megalora", "full"): "time <= 0.80, mem <= 0.85",
@@ -403,8 +324,8 @@ def report(args, timing: list, memory: dict, load: tuple) -> dict:
     """Print the tables; return the figures as a dict."""
     rank0 = timing[0]
     names = [n for n in CONFIGS if n in rank0["times"]]
-    wall = {n: _median_of_slowest(timing, "times", n) for n in names}
-    cpu = {n: _median_of_slowest(timing, "cpu_times", n) for n in names}
+    wall = {n: measure.median_of_slowest(timing, "times", n) for n in names}
+    cpu = {n: measure.median_of_slowest(timing, "cpu_times", n) for n in names}
     saved = {n: max(r["saved_mib"][n] for r in timing) for n in names}
     out = dict(median_step_s=wall, median_cpu_s=cpu, peak_memory_mib=memory, saved_activation_mib=saved, ratios={},
                collectives={n: rank0["collectives"][n] for n in names}, added_vs_frozen={})
@@ -447,7 +368,7 @@ def report(args, timing: list, memory: dict, load: tuple) -> dict:
         print("against the frozen base (+ more, - fewer):")
         for n in names:
             if n != "frozen":
-                diff = _diff_shapes(rank0["collectives"][n]["shapes"], rank0["collectives"]["frozen"]["shapes"])
+                diff = measure.diff_counts(rank0["collectives"][n]["shapes"], rank0["collectives"]["frozen"]["shapes"])
                 out["added_vs_frozen"][n] = diff
                 print(f"  {n}: " + (", ".join(f"{v:+d} {k}" for k, v in diff.items()) or "none"))
     print("\nloss, first and last round: "
@@ -457,21 +378,11 @@ def report(args, timing: list, memory: dict, load: tuple) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    t0, load0 = time.time(), os.getloadavg()[0]
-    print(f"timing {', '.join(args.configs)}, interleaved, on {args.tp} ranks ...", flush=True)
-    timing = spawn(time_worker, args)
-    load1 = os.getloadavg()[0]
-    memory = {}
-    if not args.skip_memory:
-        for name in args.configs:
-            print(f"peak memory of {name}, in its own processes ...", flush=True)
-            ranks = spawn(memory_worker, args, name)
-            memory[name] = max(r["peak_kib"] - r["baseline_kib"] for r in ranks) / 1024
-    out = report(args, timing, memory, (load0, load1))
+    t0 = time.time()
+    timing, memory, load = run_all(args, make_setup, args.configs, progress=True)
+    out = report(args, timing, memory, load)
     print(f"\n(wall time of the whole run: {time.time() - t0:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), **out), f, indent=1)
+    measure.write_json(args.json, args, out)
 
 
 if __name__ == "__main__":

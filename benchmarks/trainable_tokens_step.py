@@ -23,15 +23,13 @@ over plain LoRA in time and memory, and no collective added.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure  # noqa: E402
 import tp_lora_step as base  # noqa: E402
 
 CONFIGS = ("lora", "tokens")
@@ -76,77 +74,12 @@ def make_setup(name: str, args) -> base.Setup:
     return base.Setup(name, peft_model, sync=lambda: megalora.sync_lora_grads(peft_model))
 
 
-def time_worker(rank: int, args, out_path: str) -> None:
-    from megalora.testing.collective_counter import count_collectives
-
-    base._init(rank, args)
-    batch = base.make_batch(args)
-    setups = [make_setup(name, args) for name in CONFIGS]
-    times = {s.name: [] for s in setups}
-    cpu_times = {s.name: [] for s in setups}
-    for round_ in range(args.warmup + args.steps):
-        k = round_ % len(setups)
-        for setup in setups[k:] + setups[:k]:
-            dist.barrier()
-            t0, c0 = time.perf_counter(), time.process_time()
-            setup.losses.append(base.train_step(setup, batch))
-            c1 = time.process_time()
-            dist.barrier()
-            if round_ >= args.warmup:
-                times[setup.name].append(time.perf_counter() - t0)
-                cpu_times[setup.name].append(c1 - c0)
-    collectives = {}
-    for setup in setups:
-        with count_collectives() as log:
-            base.train_step(setup, batch)
-        shapes = {}
-        for label, shape in log.shapes:
-            shapes[f"{label}{list(shape)}"] = shapes.get(f"{label}{list(shape)}", 0) + 1
-        collectives[setup.name] = dict(calls=dict(log.calls), bytes=dict(log.bytes), shapes=shapes)
-    result = dict(times=times, cpu_times=cpu_times, collectives=collectives,
-                  saved_mib={s.name: base.saved_activation_mib(s, batch) for s in setups},
-                  losses={s.name: s.losses for s in setups},
-                  trainable={s.name: sum(p.numel() for p in s.params) for s in setups})
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(gathered, f)
-
-
-def memory_worker(rank: int, args, name: str, out_path: str) -> None:
-    import megalora  # noqa: F401  (the same imports before the baseline in every run)
-
-    base._init(rank, args)
-    batch = base.make_batch(args)
-    dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    baseline = base._status_kib("VmRSS")
-    setup = make_setup(name, args)
-    for _ in range(args.mem_steps):
-        base.train_step(setup, batch)
-    peak = base._status_kib("VmHWM")
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(baseline_kib=baseline, peak_kib=peak))
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(gathered, f)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
-    load0 = os.getloadavg()[0]
-    timing = base.spawn(time_worker, args)
-    load1 = os.getloadavg()[0]
-    memory = {}
-    if not args.skip_memory:
-        for name in CONFIGS:
-            ranks = base.spawn(memory_worker, args, name)
-            memory[name] = max(r["peak_kib"] - r["baseline_kib"] for r in ranks) / 1024
+    timing, memory, (load0, load1) = base.run_all(args, make_setup, list(CONFIGS), progress=False)
     rank0 = timing[0]
-    wall = {n: base._median_of_slowest(timing, "times", n) for n in CONFIGS}
-    cpu = {n: base._median_of_slowest(timing, "cpu_times", n) for n in CONFIGS}
+    wall = {n: measure.median_of_slowest(timing, "times", n) for n in CONFIGS}
+    cpu = {n: measure.median_of_slowest(timing, "cpu_times", n) for n in CONFIGS}
     saved = {n: max(r["saved_mib"][n] for r in timing) for n in CONFIGS}
     print(f"\ntied GPT: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, seq {args.seq}, "
           f"micro-batch {args.mbs}, fp32, TP={args.tp} (gloo, 1 thread per rank); LoRA r={base.RANK}; "
@@ -157,20 +90,18 @@ def main(argv=None) -> None:
     for n in CONFIGS:
         col = rank0["collectives"][n]
         mem = f"{memory[n]:.1f} MiB" if n in memory else "n/a"
-        print(f"{n:<8}{rank0['trainable'][n]:>11,}{wall[n] * 1e3:>10.1f} ms{cpu[n] * 1e3:>9.1f} ms{mem:>12}"
+        print(f"{n:<8}{rank0['params'][n][1]:>11,}{wall[n] * 1e3:>10.1f} ms{cpu[n] * 1e3:>9.1f} ms{mem:>12}"
               f"{saved[n]:>8.1f} MiB{sum(col['calls'].values()):>13}{sum(col['bytes'].values()) / 2**20:>11.3f}")
     ratios = dict(wall=wall["tokens"] / wall["lora"], cpu=cpu["tokens"] / cpu["lora"],
                   saved=saved["tokens"] / saved["lora"],
                   memory=memory["tokens"] / memory["lora"] if memory else None)
     print("\ntokens / lora: " + ", ".join(f"{k} {v:.4f}" for k, v in ratios.items() if v is not None)
           + "   (target <= 1.02)")
-    added = base._diff_shapes(rank0["collectives"]["tokens"]["shapes"], rank0["collectives"]["lora"]["shapes"])
+    added = measure.diff_counts(rank0["collectives"]["tokens"]["shapes"], rank0["collectives"]["lora"]["shapes"])
     print("collectives added by trainable tokens (+ more, - fewer): "
           + (", ".join(f"{v:+d} {k}" for k, v in added.items()) or "none"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), wall=wall, cpu=cpu, memory=memory, saved=saved, ratios=ratios,
-                           added_collectives=added), f, indent=1)
+    measure.write_json(args.json, args, dict(wall=wall, cpu=cpu, memory=memory, saved=saved, ratios=ratios,
+                                             added_collectives=added))
 
 
 if __name__ == "__main__":
