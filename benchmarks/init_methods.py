@@ -33,13 +33,15 @@ import argparse
 import copy
 import json
 import os
-import socket
-import tempfile
+import sys
 import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure  # noqa: E402
 
 MCORE_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -67,12 +69,6 @@ def lora_kwargs(method: str, r: int) -> dict:
 # megalora ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def megalora_worker(rank: int, args, tp: int, out_path: str) -> None:
     import torch.distributed as dist
 
@@ -80,7 +76,6 @@ def megalora_worker(rank: int, args, tp: int, out_path: str) -> None:
     import megalora.hf as H
     from megalora.collectives import all_gather_objects
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     megalora.init_parallel(tensor_model_parallel_size=tp, seed=1234)
     times, cpu = {}, {}
@@ -101,15 +96,8 @@ def megalora_worker(rank: int, args, tp: int, out_path: str) -> None:
 
 
 def run_megalora(args, tp: int) -> dict:
-    import torch.multiprocessing as mp
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(tp),
-                      CUDA_DEVICE_MAX_CONNECTIONS="1")
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "result.json")
-        mp.spawn(megalora_worker, args=(args, tp, out_path), nprocs=tp, join=True)
-        with open(out_path) as f:
-            return json.load(f)
+    # No ONE_THREAD_ENV: each rank sets its own share of the cores for LAPACK.
+    return measure.spawn_ranks(megalora_worker, tp, (args, tp))
 
 
 # --------------------------------------------------------------------------

@@ -49,13 +49,11 @@ Method:
   Adam, runs ``--mem-steps`` steps and reads ``VmHWM``. The figure is the
   high-water mark above the baseline: LoRA weights, grads, Adam state,
   activations and the allocator's slack, which is what the step adds on top of
-  the loaded model. tracemalloc would miss it: torch allocates tensor memory
-  outside Python's allocator.
-* "no slack": the same, run again with ``MALLOC_MMAP_THRESHOLD_=131072``, so
-  that glibc gives every block of 128 KiB or more its own mapping and returns
-  it at free: the high-water mark is then about the peak of live bytes,
-  without the freed-but-kept heap that the default allocator adds (which
-  depends on how many large temporaries a side makes).
+  the loaded model (tracemalloc cannot see torch's tensor memory).
+* "no slack": the same, run again with ``MALLOC_MMAP_THRESHOLD_=131072``
+  (:data:`NO_SLACK_ENV`): the high-water mark is then about the peak of live
+  bytes, without the freed-but-kept heap that glibc's default allocator adds
+  (which depends on how many large temporaries a side makes).
 * "saved act" is exact and free of allocator effects: the bytes of the
   tensors autograd keeps for backward in one forward (each storage once,
   parameters left out).
@@ -78,6 +76,9 @@ import time
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure  # noqa: E402
 
 MCORE_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -140,7 +141,6 @@ class Side:
         self.sync = sync
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=lr)
-        self.losses = []
 
     def step(self, batch) -> float:
         self.opt.zero_grad(set_to_none=True)
@@ -216,35 +216,8 @@ def copy_a_factors(mega: Side, hf: Side) -> int:
     return copied
 
 
-def saved_activation_mib(side: Side, batch) -> float:
-    """MiB of tensors autograd saves for backward in one forward, parameters left out, each storage once."""
-    params = {p.untyped_storage().data_ptr() for p in side.model.parameters()}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    side.opt.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = side.loss_fn(batch)
-    loss.backward()
-    side.opt.zero_grad(set_to_none=True)
-    return sum(storages.values()) / 2**20
-
-
 # --------------------------------------------------------------------------
 # Peak memory, one side per process
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def memory_worker(args) -> None:
@@ -255,22 +228,15 @@ def memory_worker(args) -> None:
     import transformers  # noqa: F401
 
     megalora.init_parallel()
-    if args.mem_worker == "megalora":
-        base = H.build_gpt_from_hf(None)
-        vocab = base.hf_config.vocab_size
-    else:
-        base = load_hf(args)
-        vocab = base.config.vocab_size
-    batch = make_batch(args, vocab)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    baseline = _status_kib("VmRSS")
-    side = megalora_side(args, base) if args.mem_worker == "megalora" else peft_side(args, base)
+    mega = args.mem_worker == "megalora"
+    base = H.build_gpt_from_hf(None) if mega else load_hf(args)
+    batch = make_batch(args, (base.hf_config if mega else base.config).vocab_size)
+    baseline = measure.reset_peak_rss()
+    side = megalora_side(args, base) if mega else peft_side(args, base)
     for _ in range(args.mem_steps):
         side.step(batch)
-    peak = _status_kib("VmHWM")
     with open(args.out, "w") as f:
-        json.dump(dict(baseline_kib=baseline, peak_kib=peak), f)
+        json.dump(dict(baseline_kib=baseline, peak_kib=measure.peak_rss_kib()), f)
 
 
 # glibc's malloc keeps freed blocks for reuse (its mmap threshold grows as
@@ -318,23 +284,14 @@ def time_both(args) -> dict:
     copied = copy_a_factors(mega, pft)
     batch = make_batch(args, hf.config.vocab_size)
     sides = {"megalora": mega, "peft": pft}
-    wall = {n: [] for n in SIDES}
-    cpu = {n: [] for n in SIDES}
-    for round_ in range(args.warmup + args.steps):
-        order = SIDES if round_ % 2 == 0 else SIDES[::-1]
-        for name in order:
-            side = sides[name]
-            w0, c0 = time.perf_counter(), time.process_time()
-            side.losses.append(side.step(batch))
-            if round_ >= args.warmup:
-                wall[name].append(time.perf_counter() - w0)
-                cpu[name].append(time.process_time() - c0)
-    saved = {n: saved_activation_mib(sides[n], batch) for n in SIDES}
+    # Two sides: the rotated order is the swapped order, every other round.
+    wall, cpu, losses = measure.time_interleaved({n: (lambda s=sides[n]: s.step(batch)) for n in SIDES},
+                                                 args.steps, args.warmup)
+    saved = {n: measure.saved_activation_mib(s.model, lambda s=s: s.loss_fn(batch), s.opt) for n, s in sides.items()}
     return dict(
-        wall=wall, cpu=cpu, saved_mib=saved, losses={n: sides[n].losses for n in SIDES}, a_copied=copied,
+        wall=wall, cpu=cpu, saved_mib=saved, losses=losses, a_copied=copied,
         load_s=dict(hf_gguf=t_hf, megatron_from_cache=t_mega),
-        params={n: (sum(p.numel() for p in sides[n].model.parameters()), sum(p.numel() for p in sides[n].params))
-                for n in SIDES},
+        params={n: measure.param_counts(sides[n].model) for n in SIDES},
     )
 
 
@@ -431,9 +388,7 @@ def main(argv=None) -> None:
                 memory[kind][side] = measure_memory(args, side, env, no_slack=kind == "no_slack")
     out = report(args, timing, memory, (load0, load1))
     print(f"\n(wall time of the whole run: {time.time() - t0:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), **out), f, indent=1)
+    measure.write_json(args.json, args, out)
 
 
 if __name__ == "__main__":
