@@ -41,6 +41,14 @@ def _stuck_collective():
     return "left"
 
 
+def _mark_then_stuck(marker: str):
+    """:func:`_stuck_collective`, after writing ``marker.rank<r>``: a watcher knows the task has started."""
+    import torch.distributed as dist
+
+    open(f"{marker}.rank{dist.get_rank()}", "w").close()
+    return _stuck_collective()
+
+
 def test_all_reduce_returns_per_rank_values():
     assert run_on_ranks(2, _all_reduce_rank, 10) == [(10, 3.0), (11, 3.0)]
 

@@ -25,7 +25,7 @@ TAG = "MEGALORA_LEAK_TAG"
 INNER = '''
 import os, subprocess, sys, time
 from tests.multirank import run_on_ranks
-from tests.harness.test_multirank import _all_reduce_rank, _raise_on_rank_1, _stuck_collective
+from tests.harness.test_multirank import _all_reduce_rank, _mark_then_stuck, _raise_on_rank_1, _stuck_collective
 
 
 def test_passes():
@@ -42,7 +42,7 @@ def test_times_out_in_a_collective():
 
 def test_blocks():  # interrupted from outside
     open(os.environ["MARKER"], "w").close()
-    run_on_ranks(2, _stuck_collective, timeout_s=600)
+    run_on_ranks(2, _mark_then_stuck, os.environ["MARKER"], timeout_s=600)
 
 
 def test_loses_a_process():  # a test bug the session check must catch
@@ -112,9 +112,11 @@ def test_interrupted_session_leaves_nothing(tmp_path, sig, when):
             workers = [p for p in procs.tagged(TAG, tag) if "spawn_main" in procs.cmdline(p)]
         assert len(workers) == 2, "the inner session never started its workers"
         if when == "in a task":
-            while not (tmp_path / "marker").exists() and time.monotonic() < deadline:
+            ranks = [tmp_path / f"marker.rank{r}" for r in range(2)]
+            while not all(m.exists() for m in ranks) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            time.sleep(20)  # the pool starts and the task blocks in its collective
+            assert all(m.exists() for m in ranks), "the task never started on both ranks"
+            time.sleep(1)  # from the marker to rank 0 blocking in its all-reduce is one call
         child.send_signal(sig)
         child.communicate(timeout=120)
     finally:
