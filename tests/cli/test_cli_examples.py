@@ -4,6 +4,15 @@ The examples run in a scratch folder (``configs/`` and ``launch/`` linked in),
 so their ``runs/...`` paths land there; train examples get :data:`FAST`
 appended (later overrides win): fewer steps and examples, nothing else
 changed. verify examples report JSON, which is asserted here.
+
+Each config's first ``train`` example, the ``--nproc`` one and every
+``verify`` run from a shell, as typed: the CLI checks in its own process and
+starts its ranks through torchrun. The others (:data:`IN_RANKS`: more
+trains, merge, export, generate) run the way ``torchrun --nproc_per_node N -m
+megalora.cli ...`` runs them, the verb inside each launched rank, here the
+suite's warm rank pool: the same verb code at the same world size, without
+seconds of interpreter start-up per rank. ``inspect`` starts no rank; it
+runs in this process.
 """
 
 from __future__ import annotations
@@ -79,12 +88,80 @@ def _argv(cmd: str, fast: list[str]) -> list[str]:
 def _run_examples(tmp_path, commands, fast) -> dict:
     env = child_env()
     env.update(PYTHONPATH=ROOT, PYTHON=sys.executable)
-    out = {}
+    out, trained = {}, set()
     for cmd in commands:
-        proc = subprocess.run(_argv(cmd, fast), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        argv = _argv(cmd, fast)
+        where = _in_ranks(cmd, trained)
+        if where == "here":
+            proc = _cli_here(argv[3:], str(tmp_path))
+        elif where:
+            proc = _cli_in_ranks(argv[3:], str(tmp_path), where)
+        else:
+            proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         out[cmd] = proc
+        if " train " in cmd:
+            trained.add(EX.config_and_overrides(cmd)[0])
     return out
+
+
+IN_RANKS = ("train", "merge", "export", "generate")
+
+
+def _in_ranks(cmd: str, trained: set):
+    """Where an example runs: ``None`` from a shell, ``"here"`` (inspect), else the world size of its ranks."""
+    from megalora.training import load
+
+    words = cmd.split()
+    if words[0] != "megalora":
+        return None
+    verb = words[1]
+    if verb == "inspect":
+        return "here"
+    if verb not in IN_RANKS or "--nproc" in words:
+        return None
+    config, overrides = EX.config_and_overrides(cmd)
+    if verb == "train" and config not in trained:
+        return None  # the config's first train: the whole launch path, the output-folder notice on later ones
+    return load(config, overrides).min_world_size()
+
+
+def _cli_here(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+
+    from megalora.cli import main
+
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def _cli_in_ranks(argv: list[str], cwd: str, world: int) -> subprocess.CompletedProcess:
+    from tests.multirank import run_on_ranks
+
+    code, out, err = run_on_ranks(world, _cli_rank, argv, cwd, timeout_s=900)[0]
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def _cli_rank(argv: list[str], cwd: str):
+    """``megalora ARGV`` in a launched rank: torchrun's variables make the CLI run the verb in this process.
+
+    The pool's default process group is the launched world (``init_distributed`` keeps it); the pool
+    puts back the environment and the working directory after the task.
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    proc = _cli_here(argv, cwd)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def _examples_of(config: str) -> list[str]:
