@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from typing import Optional, Sequence
 
-from .launcher import child_env, launch, print_error, quiet_other_ranks, strip_option, under_launcher
+from .launcher import launch, print_error, quiet_other_ranks, strip_option, under_launcher
 
 TRAIN_EXAMPLES = """examples:
   megalora train configs/smollm2_cpu.yaml                 # the main job: SmolLM2 at TP=3 on CPU
@@ -50,7 +49,8 @@ near-zero gradients into +-lr updates, while SGD's update is linear in the gradi
 and the optimizer is elementwise, so it cannot depend on the layout. Compared: the
 initial adapters (bit-identical), each step's loss and grad norm, each step's
 gathered gradients (per tensor, relative to its norm) and the trained adapters
-(per tensor, relative to the update). The exit status is 1 when one exceeds its tolerance."""
+(per tensor, relative to the update). The exit status is 1 when one exceeds its tolerance.
+On CPU the two runs start together (the world-size-1 run writes WORKDIR/single.log)."""
 
 MERGE_EXAMPLES = """examples:
   megalora merge configs/smollm2_cpu.yaml --adapter runs/smollm2_cpu/adapter --output runs/merged
@@ -283,19 +283,12 @@ def _inspect(args, _argv) -> int:
     return 0
 
 
-VERIFY_OVERRIDES = ("job.eval_base=false", "job.max_new_tokens=0", "job.merge_check=false",
-                    "job.export_hf_peft=false", "job.plot=false", "lora.lora_dropout=0.0", "train.save_every=0",
-                    "train.resume=null", "train.eval_every=0", "train.log_every=0", "train.optimizer=sgd",
-                    "job.record_grads=true")
-SINGLE_OVERRIDES = ("parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "parallel.sp=false", "parallel.ep=1",
-                    "parallel.etp=null")
-
-
 def _verify(args, _argv) -> int:
     from .training import load
     from .training.checks import check_batch_sizes
     from .training.models import check_model_fits
     from .training.verify import compare_runs, format_verify
+    from .training.verify_runs import SINGLE_OVERRIDES, VERIFY_OVERRIDES, run_both
 
     if under_launcher():
         raise SystemExit("megalora verify starts its own processes; run it from a shell, not under a launcher")
@@ -309,20 +302,9 @@ def _verify(args, _argv) -> int:
     check_batch_sizes(cfg, nproc)
     check_model_fits(cfg)
     work = args.workdir or tempfile.mkdtemp(prefix="megalora-verify-")
-    quiet = subprocess.DEVNULL if args.json else None
-    runs = (("layout", [args.config, *common, f"job.output_dir={work}/layout"]),
-            ("single", [args.config, *common, *SINGLE_OVERRIDES, f"job.output_dir={work}/single"]))
-    for name, train_args in runs:
-        if not args.json:
-            print(f"megalora verify: {name} run: python -m megalora.train {' '.join(train_args)}", flush=True)
-        if name == "layout" and nproc > 1:
-            code = launch(nproc, "megalora.train", train_args, stdout=quiet)
-        else:
-            code = subprocess.call([sys.executable, "-m", "megalora.train", *train_args], env=child_env(),
-                                   stdout=quiet)
-        if code:
-            print(f"megalora verify: the {name} run failed (exit {code})", file=sys.stderr)
-            return code
+    code = run_both(args.config, common, nproc, work, quiet=args.json)
+    if code:
+        return code
     # Unset tolerances keep compare_runs' defaults (justified in training/verify.py).
     tols = {f"{k}_tol": getattr(args, f"{k}_tol") for k in ("loss", "grad", "weight")
             if getattr(args, f"{k}_tol") is not None}

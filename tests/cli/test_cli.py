@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch
 
-from megalora.cli import child_env, main
+from megalora.cli import main
+from megalora.launcher import child_env
 
 TINY = "configs/tiny_gpt.yaml"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

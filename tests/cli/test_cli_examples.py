@@ -25,7 +25,7 @@ import sys
 import pytest
 import torch
 
-from megalora.cli import child_env
+from megalora.launcher import child_env
 from tests import cli_examples as EX
 from tests.cli.test_cli import ROOT, TINY, _verify_report
 

@@ -27,7 +27,7 @@ import sys
 
 import pytest
 
-from megalora.cli import child_env
+from megalora.launcher import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = "configs/tiny_gpt.yaml"
