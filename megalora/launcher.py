@@ -2,8 +2,9 @@
 
 The CLI re-runs itself under torchrun when the layout needs several
 processes. It does not call the ``torchrun`` console script: it runs this
-module, which calls torchrun's own argument parser and launcher and catches
-its ``ChildFailedError``. A rank that stops on a config or input error
+module's :func:`main` (in a forked child on POSIX, which has torch imported
+already; else as ``python -m megalora.launcher``), which calls torchrun's own
+argument parser and launcher and catches its ``ChildFailedError``. A rank that stops on a config or input error
 writes its one-line message into ``$MEGALORA_ERROR_DIR`` instead of printing
 it (every rank raises the same error); this process prints it once and exits
 with status 2. A rank that crashes prints its own traceback; this process
