@@ -129,6 +129,12 @@ def cached_config_fields(files: ModelFiles) -> Optional[SimpleNamespace]:
     return SimpleNamespace(**json.loads(metadata["hf_config"]))
 
 
+def cached_hf_config(files: ModelFiles):
+    """The cached model's HF config object (no GGUF quantization fields), or ``None`` on a cache miss."""
+    path = cache_path(files)
+    return open_cached(path).hf_config if os.path.isfile(path) else None
+
+
 def _error_path(path: str) -> str:
     return path + ".error"
 

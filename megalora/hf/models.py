@@ -18,6 +18,8 @@ transformers is imported lazily, so ``import megalora`` never needs it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -121,8 +123,31 @@ def load_hf_model(source=None, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     files = resolve_files(source)
-    model = AutoModelForCausalLM.from_pretrained(files.directory, dtype=dtype, **files.from_pretrained_kwargs())
-    return model.eval()
+    kwargs = files.from_pretrained_kwargs()
+    if not files.gguf_file:
+        return AutoModelForCausalLM.from_pretrained(files.directory, dtype=dtype, **kwargs).eval()
+    from .cache import cached_hf_config
+
+    # transformers parses the GGUF's metadata once for the config (~8 s for SmolLM2) unless given one: the
+    # converted-weights cache holds it. It also rebuilds gguf's tensor-name table once per module (~400 times).
+    config = cached_hf_config(files)
+    if config is not None:
+        kwargs["config"] = config
+    with _gguf_name_maps_memoized():
+        return AutoModelForCausalLM.from_pretrained(files.directory, dtype=dtype, **kwargs).eval()
+
+
+@contextlib.contextmanager
+def _gguf_name_maps_memoized():
+    """``gguf.get_tensor_name_map`` memoized while transformers loads a GGUF file (its maps are only read)."""
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 def load_hf_config(source=None):
