@@ -330,6 +330,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.verb = argv[0]
     else:
         args = parser.parse_args(argv)
+    from .parallel_start import shutdown_distributed
+
     try:
         return VERBS[args.verb](args, argv)
     except (ValueError, FileNotFoundError) as exc:
@@ -342,6 +344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # `megalora inspect ... | head`: the reader left; Python would complain at exit too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        shutdown_distributed()  # a verb run in this process (launched, or one process) started them
 
 
 if __name__ == "__main__":

@@ -55,11 +55,29 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> None
         rank=le.rank, world_size=le.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    _STATE["owns_world"] = True
+
+
+def shutdown_distributed() -> None:
+    """Destroys the process groups, if :func:`init_distributed` started them: a launched job's last step.
+
+    Left to interpreter exit, the process group's C++ threads are torn down
+    during static destruction, which now and then aborts a finished job
+    ("terminate called without an active exception", SIGABRT). A default
+    group that someone else started (a test harness, a user's script) is left
+    alone.
+    """
+    if not _STATE.get("owns_world") or not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):  # megatron's groups may be up or not
+        destroy_parallel()
+    dist.destroy_process_group()
+    _STATE["owns_world"] = False
 
 
 # The layout init_parallel set up, and the process groups that existed before
 # it, so destroy_parallel can tear down exactly what Megatron created.
-_STATE: dict[str, Any] = {"key": None, "groups_before": None}
+_STATE: dict[str, Any] = {"key": None, "groups_before": None, "owns_world": False}
 
 
 def _live_groups() -> set:

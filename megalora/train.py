@@ -33,6 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     # Megatron warns about this on every TP layer; it only matters on GPUs, where it is required.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    from .parallel_start import shutdown_distributed
     from .training import load, run
 
     try:
@@ -43,6 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print_error(f"python -m megalora.train: error: {exc}")
         return 2
+    finally:
+        shutdown_distributed()
     return 0
 
 

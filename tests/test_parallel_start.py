@@ -247,3 +247,28 @@ def _gpt_pipeline(vpp):
 @pytest.mark.parametrize("vpp", [None, 2], ids=["1f1b", "interleaved-vpp2"])
 def test_pipeline_schedule_pp2(vpp):
     assert run_on_ranks(2, _gpt_pipeline, vpp) == [0, 4]
+
+
+def _shutdown_keeps_a_world_it_did_not_start():
+    import torch.distributed as dist
+
+    parallel_start.init_distributed()  # the pool's group exists: nothing started
+    parallel_start.shutdown_distributed()
+    return dist.is_initialized()
+
+
+def test_shutdown_ends_only_the_groups_it_started(tmp_path):
+    """A launched job destroys the process groups it started before exit; a harness's group is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    assert run_on_ranks(2, _shutdown_keeps_a_world_it_did_not_start) == [True, True]
+    code = ("import torch.distributed as dist; from megalora import parallel_start as P; P.init_distributed(); "
+            "P.init_parallel(1, 1); assert dist.is_initialized(); P.shutdown_distributed(); "
+            "assert not dist.is_initialized(); P.shutdown_distributed(); print('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(env, PYTHONPATH=root),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
