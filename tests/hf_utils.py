@@ -137,3 +137,22 @@ def perturb_lora(peft_model, seed: int = 3, scale: float = 0.05) -> None:
                     noise = torch.randn(full_shape, generator=gen) * scale
                     with torch.no_grad():
                         param.add_(spec.local(noise, layer.tp_rank, layer.tp_size))
+
+
+def check_diffs(per_rank: list[dict], tol: float, required: set) -> None:
+    """Assert every rank's ``{case: {check: value}}``: parity <= ``tol``, round trip exact, LoRA effects visible.
+
+    ``required``: the checks that some rank must have run (the comparing ranks hold the logits).
+    """
+    seen = set()
+    for rank, cases in enumerate(per_rank):
+        for case, diffs in cases.items():
+            for check, value in diffs.items():
+                seen.add(check)
+                if check == "export_identity":
+                    assert value == 0.0, f"rank {rank} {case}: HF → megatron → HF changed the weights by {value}"
+                elif check.endswith("changes_logits"):
+                    assert -value > 1e-2, f"rank {rank} {case}: {check}: the adapter has no effect ({-value})"
+                else:
+                    assert value <= tol, f"rank {rank} {case}: {check} = {value} > {tol}"
+    assert required <= seen, seen

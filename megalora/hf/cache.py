@@ -96,15 +96,21 @@ def convert_to_cache(files: ModelFiles, path: str) -> None:
     logger.info("converted %s in %.1f s into %s", metadata["source"], time.perf_counter() - start, path)
 
 
-def open_cached(path: str) -> SafetensorsSource:
-    """A :class:`SafetensorsSource` over a cached file, with its HF config."""
+def _cached_config_json(path: str) -> Optional[dict]:
+    """The HF config stored in a cache file's metadata; ``None`` if the file is not in :data:`FORMAT`."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as handle:
         metadata = handle.metadata() or {}
-    if metadata.get("format") != FORMAT:
+    return json.loads(metadata["hf_config"]) if metadata.get("format") == FORMAT else None
+
+
+def open_cached(path: str) -> SafetensorsSource:
+    """A :class:`SafetensorsSource` over a cached file, with its HF config."""
+    config = _cached_config_json(path)
+    if config is None:
         raise ValueError(f"{path} is not a megalora {FORMAT} cache file; delete it and load again")
-    hf_config = hf_config_from_dict(json.loads(metadata["hf_config"]))
+    hf_config = hf_config_from_dict(config)
     return SafetensorsSource(arch_from_hf(hf_config), hf_config, path)
 
 
@@ -117,16 +123,9 @@ def cached_config_fields(files: ModelFiles) -> Optional[SimpleNamespace]:
     ``to_json_string(use_diff=False)`` wrote every field under its own name,
     so :func:`~megalora.hf.arch.arch_from_hf` reads the same values from it.
     """
-    from safetensors import safe_open
-
     path = cache_path(files)
-    if not os.path.isfile(path):
-        return None
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("format") != FORMAT:
-        return None
-    return SimpleNamespace(**json.loads(metadata["hf_config"]))
+    config = _cached_config_json(path) if os.path.isfile(path) else None
+    return None if config is None else SimpleNamespace(**config)
 
 
 def cached_hf_config(files: ModelFiles):

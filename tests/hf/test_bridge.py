@@ -197,19 +197,7 @@ def _vpp_logits(model, toks, hidden_size, dtype):
 
 
 def _check(per_rank: list[dict], tol: float = TOL) -> None:
-    """Assert every rank's diffs: parity ≤ ``tol``, identity exact, LoRA effects visible."""
-    seen = set()
-    for rank, variants in enumerate(per_rank):
-        for name, diffs in variants.items():
-            for check, value in diffs.items():
-                seen.add(check)
-                if check == "export_identity":
-                    assert value == 0.0, f"rank {rank} {name}: HF → megatron → HF changed the weights by {value}"
-                elif check.endswith("changes_logits"):
-                    assert -value > 1e-2, f"rank {rank} {name}: {check}: the adapter has no effect ({-value})"
-                else:
-                    assert value <= tol, f"rank {rank} {name}: {check} = {value} > {tol}"
-    assert {"base_vs_transformers", "megalora_vs_peft", "import_vs_peft", "export_identity"} <= seen, seen
+    U.check_diffs(per_rank, tol, {"base_vs_transformers", "megalora_vs_peft", "import_vs_peft", "export_identity"})
 
 
 ALL = list(VARIANTS)
