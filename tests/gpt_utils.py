@@ -222,3 +222,29 @@ def pipeline_steps(n_steps: int, n_micro: int = 2, seed: int = 0) -> list:
     """``n_steps`` lists of ``n_micro`` micro-batches."""
     data = batches(n_steps * n_micro, seed=seed)
     return [data[i * n_micro:(i + 1) * n_micro] for i in range(n_steps)]
+
+
+def step_collectives(model, batch):
+    """Counted collectives of one forward+backward with the adapters off, then on, and of the LoRA grad sync.
+
+    The embedding's weight requires grad during the two steps, so that backward runs through every layer
+    with the adapters disabled too. Returns the three ``count_collectives`` logs ``(base, lora, sync)``.
+    """
+    import megalora
+    from megalora.testing.collective_counter import count_collectives
+
+    weight = model.base_model.model.embedding.word_embeddings.weight
+    weight.requires_grad_(True)
+
+    def step(enabled):
+        model.zero_grad()
+        (model.enable_adapter_layers if enabled else model.disable_adapter_layers)()
+        with count_collectives() as log:
+            lm_loss(model, batch).backward()
+        return log
+
+    base, lora = step(False), step(True)
+    weight.requires_grad_(False)
+    with count_collectives() as sync:
+        megalora.sync_lora_grads(model)
+    return base, lora, sync

@@ -59,24 +59,7 @@ def assert_grads_close(ref: dict, got: dict, what: str) -> None:
 
 
 def _collectives(model):
-    from megalora.testing.collective_counter import count_collectives
-    import megalora
-
-    batch = G.batches(1)[0]
-    # So that backward runs through the embedding with the adapters disabled too.
-    model.base_model.model.embedding.word_embeddings.weight.requires_grad_(True)
-
-    def step(enabled):
-        model.zero_grad()
-        (model.enable_adapter_layers if enabled else model.disable_adapter_layers)()
-        with count_collectives() as log:
-            G.lm_loss(model, batch).backward()
-        return log
-
-    base, lora = step(False), step(True)
-    model.base_model.model.embedding.word_embeddings.weight.requires_grad_(False)
-    with count_collectives() as sync:
-        megalora.sync_lora_grads(model)
+    base, lora, sync = G.step_collectives(model, G.batches(1)[0])
     return dict(base.calls), dict(lora.calls), sync.total_calls
 
 

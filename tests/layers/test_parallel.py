@@ -160,26 +160,8 @@ def test_merge_unmerge_under_tp(dist2, use_dora):
 
 
 def _collectives_body(sp):
-    from megalora.testing.collective_counter import count_collectives
-
     model, _ = _build(2, sp, True)
-    batch = G.batches(1)[0]
-    # So that backward runs through every layer with the adapters disabled too.
-    model.base_model.model.embedding.word_embeddings.weight.requires_grad_(True)
-
-    def step(enabled):
-        model.zero_grad()
-        (model.enable_adapter_layers if enabled else model.disable_adapter_layers)()
-        with count_collectives() as log:
-            G.lm_loss(model, batch).backward()
-        return log
-
-    base = step(False)
-    lora = step(True)
-    with count_collectives() as sync:
-        import megalora
-
-        megalora.sync_lora_grads(model)
+    base, lora, sync = G.step_collectives(model, G.batches(1)[0])
     return dict(base.calls), dict(base.bytes), dict(lora.calls), dict(lora.bytes), sync.total_calls
 
 
