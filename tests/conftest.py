@@ -32,7 +32,7 @@ def _no_process_left_by_the_test(request):
     def strays() -> list[int]:
         keep = before | _pool_workers()
         return [pid for pid in procs.descendants()
-                if pid not in keep and procs.TRACKER not in procs.cmdline(pid)]
+                if pid not in keep and not procs.mp_helper(pid)]
 
     # A launcher's children exit a moment after it returns (SIGTERM handling): give them that moment.
     deadline = time.monotonic() + 10
@@ -60,7 +60,7 @@ def pytest_sessionfinish(session, exitstatus):
     """
     shutdown_pools()
     procs.reap_zombies()
-    left = [pid for pid in procs.descendants() if procs.TRACKER not in procs.cmdline(pid)]
+    left = [pid for pid in procs.descendants() if not procs.mp_helper(pid)]
     lines = _LEFT_BY_TESTS + [f"  {pid} {procs.cmdline(pid)[:_SHOWN]}" for pid in left]
     if not lines:
         return

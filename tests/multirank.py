@@ -72,22 +72,46 @@ class MultiRankError(AssertionError):
 
 
 def _die_with_parent(parent_pid: int) -> None:
+    # The fork server exits once every holder of its "alive" pipe has; each
+    # child it forks inherits one (to start children through it in turn),
+    # which would keep it, and so the workers below, alive after the test
+    # process is killed. Workers start nothing through it.
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
     # A worker stuck in a collective never reads its pipe, so it would not
     # notice a parent killed by SIGKILL; ask the kernel to kill it instead.
+    # Its parent is the fork server, which exits as soon as the test process
+    # that started it is gone (the server's pipe from that process closes).
     with contextlib.suppress(Exception):
         import ctypes
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    # A spawned interpreter takes seconds to get here on a loaded machine; a
-    # parent that died in the meantime sends no signal, and the orphan would
-    # wait for its peers forever.
-    if os.getppid() != parent_pid:
+    # A parent that died before that sends no signal, and the orphan would
+    # wait for its peers forever; an orphan has a new parent by now.
+    parent = os.getppid()
+    if parent != parent_pid and not _is_fork_server(parent):
         os._exit(1)
 
 
-def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_pid: int) -> None:
+def _is_fork_server(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"multiprocessing.forkserver" in handle.read()
+    except OSError:
+        return False
+
+
+def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_pid: int,
+                 environ: dict) -> None:
     _die_with_parent(parent_pid)
+    # Forked from the fork server, which holds the environment of the moment it started.
+    os.environ.clear()
+    os.environ.update(environ)
 
     def reply(*msg) -> None:
         # Plain pickle: tensors travel by value, not as shared-memory handles
@@ -159,8 +183,15 @@ def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_
 # --------------------------------------------------------------------------
 
 
+def _context():
+    """Workers are forked from one server process that imported torch and megatron once (tests/pool_preload.py)."""
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.pool_preload"])  # no effect once the server runs
+    return ctx
+
+
 class _Pool:
-    """N spawned workers sharing one gloo world group."""
+    """N workers sharing one gloo world group."""
 
     def __init__(self, world_size: int):
         import torch.distributed as dist
@@ -172,11 +203,12 @@ class _Pool:
         self._store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True,
                                     wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=_STARTUP_TIMEOUT_S))
-        ctx = get_context("spawn")
+        ctx = _context()
         self.procs, self.conns = [], []
         saved = {k: os.environ.get(k) for k in _WORKER_ENV}
-        os.environ.update(_WORKER_ENV)  # spawned children copy the environment
-        # Spawn re-runs the parent's __main__ script in each child unless it
+        os.environ.update(_WORKER_ENV)  # also for the fork server's imports, if it starts now
+        environ = dict(os.environ)
+        # A started child re-runs the parent's __main__ script unless it
         # has no __file__. Workers never need it (tasks live in importable
         # modules), and re-running an unguarded script would recurse.
         main = sys.modules.get("__main__")
@@ -188,7 +220,7 @@ class _Pool:
                 parent_end, child_end = ctx.Pipe()
                 proc = ctx.Process(target=_worker_main, name=f"multirank-{world_size}-{rank}",
                                    args=(rank, world_size, "127.0.0.1", self._store.port,
-                                         child_end, os.getpid()))
+                                         child_end, os.getpid(), environ))
                 proc.start()
                 child_end.close()
                 self.procs.append(proc)

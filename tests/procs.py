@@ -1,7 +1,7 @@
 """Finding and ending the processes a test session started (Linux ``/proc``; no psutil needed).
 
-The suite starts processes three ways: the multi-rank pools (spawned
-workers and multiprocessing's ``resource_tracker``), ``torchrun`` through the
+The suite starts processes three ways: the multi-rank pools (workers forked
+by multiprocessing's fork server, and its ``resource_tracker``), ``torchrun`` through the
 CLI, and plain subprocesses. :func:`become_subreaper` makes the test session
 the parent of any of them that loses its own parent, so that
 :func:`descendants` still sees it at the end of the session.
@@ -19,6 +19,14 @@ PR_SET_CHILD_SUBREAPER = 36
 # (this one and the spawned workers) has exited; ending it early is harmless
 # but pointless, and it is not a leak while this process lives.
 TRACKER = "multiprocessing.resource_tracker"
+# The pools' fork server likewise exits once this process has (its pipe from here closes).
+FORKSERVER = "multiprocessing.forkserver"
+
+
+def mp_helper(pid: int) -> bool:
+    """Whether ``pid`` is multiprocessing's tracker or fork server (not a leak while this process lives)."""
+    line = cmdline(pid)
+    return TRACKER in line or FORKSERVER in line
 
 
 def become_subreaper() -> bool:
@@ -36,6 +44,13 @@ def _stat(pid: int) -> tuple[int, str]:
         text = handle.read()
     fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and ')'
     return int(fields[1]), fields[0]
+
+
+def parent(pid: int) -> int:
+    """The parent pid of ``pid``; 0 when it is gone."""
+    with contextlib.suppress(OSError, ValueError):
+        return _stat(pid)[0]
+    return 0
 
 
 def cmdline(pid: int) -> str:

@@ -71,6 +71,12 @@ def _session(tmp_path, select: str):
     return child, tag
 
 
+def _pool_workers(tag: str) -> list[int]:
+    """The inner session's pool workers: children of its fork server, which shares their command line."""
+    server = [p for p in procs.tagged(TAG, tag) if procs.FORKSERVER in procs.cmdline(p)]
+    return [p for p in server if procs.parent(p) in server]
+
+
 def _survivors(tag: str, wait_s: float = 30.0) -> list[str]:
     """Tagged processes still alive ``wait_s`` after the session ended (PDEATHSIG and EOF act asynchronously)."""
     deadline = time.monotonic() + wait_s
@@ -109,7 +115,7 @@ def test_interrupted_session_leaves_nothing(tmp_path, sig, when):
         workers: list[int] = []
         while len(workers) < 2 and time.monotonic() < deadline and child.poll() is None:
             time.sleep(0.05)  # as soon as they exist: a kill before they armed PDEATHSIG is the race to survive
-            workers = [p for p in procs.tagged(TAG, tag) if "spawn_main" in procs.cmdline(p)]
+            workers = _pool_workers(tag)
         assert len(workers) == 2, "the inner session never started its workers"
         if when == "in a task":
             ranks = [tmp_path / f"marker.rank{r}" for r in range(2)]

@@ -96,7 +96,7 @@ def _start_megatron_results_manager() -> int:
 def _live_children() -> list[int]:
     from tests import procs
 
-    return [pid for pid in procs.descendants() if procs.TRACKER not in procs.cmdline(pid)]
+    return [pid for pid in procs.descendants() if not procs.mp_helper(pid)]
 
 
 def test_dist_checkpointing_manager_process_ends_with_the_task():
