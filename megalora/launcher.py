@@ -4,7 +4,9 @@ The CLI re-runs itself under torchrun when the layout needs several
 processes. It does not call the ``torchrun`` console script: it runs this
 module's :func:`main` (in a forked child on POSIX, which has torch imported
 already; else as ``python -m megalora.launcher``), which calls torchrun's own
-argument parser and launcher and catches its ``ChildFailedError``. A rank that stops on a config or input error
+argument parser and launcher and catches its ``ChildFailedError``. Without
+CUDA the ranks are forks too (:mod:`.fork_start`); with GPUs each is a new
+``python -u -m MODULE``. A rank that stops on a config or input error
 writes its one-line message into ``$MEGALORA_ERROR_DIR`` instead of printing
 it (every rank raises the same error); this process prints it once and exits
 with status 2. A rank that crashes prints its own traceback; this process
@@ -125,24 +127,31 @@ def launch(nproc: int, module: str, args: Sequence[str], stdout=None) -> int:
     Args:
         stdout: ``None`` (inherit) or ``subprocess.DEVNULL`` for the ranks' standard output.
     """
+    from . import fork_start
+
     errors = tempfile.mkdtemp(prefix="megalora-errors-")
     env = child_env()
     env[ERROR_DIR_ENV] = errors
     command = torchrun_command(nproc, module, args)
+    ranks = None
+    if fork_start.can_fork():
+        fork_start.preload(module)
+        ranks = (module, list(args))
     try:
         if hasattr(os, "fork"):
-            return _run_forked(command[3:], env, stdout)
+            return _run_forked(command[3:], env, stdout, ranks)
         return subprocess.call(command, env=env, stdout=stdout)
     finally:
         shutil.rmtree(errors, ignore_errors=True)
 
 
-def _run_forked(torchrun_args: list[str], env: dict, stdout) -> int:
+def _run_forked(torchrun_args: list[str], env: dict, stdout, ranks: Optional[tuple] = None) -> int:
     """:func:`main` in a forked child with ``env``; its exit status.
 
     The same process as ``python -m megalora.launcher ARGS``, without a new
-    interpreter importing torch again (~2.5 s of CPU per launch). The child
-    exec's nothing itself: torchrun's agent starts the ranks as new processes.
+    interpreter importing torch again (~2.5 s of CPU per launch). ``ranks``:
+    ``(module, args)`` to fork the ranks from it too, else torchrun's agent
+    starts them as new processes.
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -156,7 +165,7 @@ def _run_forked(torchrun_args: list[str], env: dict, stdout) -> int:
                 if stdout != subprocess.DEVNULL:
                     raise ValueError("launch(stdout=...) takes None or subprocess.DEVNULL")
                 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            code = main(torchrun_args)
+            code = main(torchrun_args, ranks)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:  # noqa: BLE001 - the child must reach os._exit whatever happens
@@ -184,8 +193,34 @@ def _rank_errors(directory: Optional[str]) -> list[str]:
     return messages
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """torchrun's launcher; a failed rank is reported in one line, not a ChildFailedError traceback."""
+def _run_forked_ranks(args, module: str, module_args: list[str]) -> None:
+    """``torchrun.run(args)`` with each rank a fork of this process running ``module.main(module_args)``."""
+    import uuid
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.launcher.api import elastic_launch
+
+    from .fork_start import run_module
+
+    if not args.standalone:
+        raise ValueError("forked ranks are started with --standalone only")
+    # What torchrun.run does for --standalone; only its entry point differs.
+    args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    if args.master_port is None:
+        args.master_port = 29500
+    config, _, _ = torchrun.config_from_args(args)
+    config.start_method = "fork"
+    elastic_launch(config, run_module)(module, module_args)
+
+
+def main(argv: Optional[Sequence[str]] = None, ranks: Optional[tuple] = None) -> int:
+    """torchrun's launcher; a failed rank is reported in one line, not a ChildFailedError traceback.
+
+    Args:
+        argv: torchrun's arguments.
+        ranks: ``(module, args)``: the ranks are forks of this process running
+            ``module.main(args)`` (:mod:`.fork_start`) instead of the command in ``argv``.
+    """
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -193,7 +228,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # the one line below says what matters.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        torchrun.run(torchrun.parse_args(list(sys.argv[1:] if argv is None else argv)))
+        args = torchrun.parse_args(list(sys.argv[1:] if argv is None else argv))
+        if ranks is None:
+            torchrun.run(args)
+        else:
+            _run_forked_ranks(args, *ranks)
     except ChildFailedError as exc:
         messages = _rank_errors(os.environ.get(ERROR_DIR_ENV))
         for message in messages:

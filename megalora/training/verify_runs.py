@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+from .. import fork_start
 from ..launcher import child_env, launch
 
 VERIFY_OVERRIDES = ("job.eval_base=false", "job.max_new_tokens=0", "job.merge_check=false",
@@ -28,7 +29,8 @@ def run_both(config: str, common: list[str], nproc: int, work: str, quiet: bool 
     ``WORK/layout`` and ``WORK/single``. ``quiet``: the runs' standard output is discarded.
 
     On CPU they run at once (one start-up overlaps the other's work), the single run writing to
-    ``WORK/single.log``; with CUDA one after the other, since both would use GPU 0.
+    ``WORK/single.log``, and both are forks of this process (:mod:`..fork_start`); with CUDA one after
+    the other, since both would use GPU 0.
     """
     import torch
 
@@ -45,7 +47,11 @@ def run_both(config: str, common: list[str], nproc: int, work: str, quiet: bool 
     if together:
         os.makedirs(work, exist_ok=True)
         log = open(os.path.join(work, "single.log"), "w")
-        started = subprocess.Popen(single, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+        if fork_start.can_fork():
+            fork_start.preload("megalora.train")
+            started = fork_start.start("megalora.train", single[3:], child_env(), log.fileno())
+        else:
+            started = subprocess.Popen(single, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         if nproc > 1:
             code = launch(nproc, "megalora.train", layout, stdout=out)

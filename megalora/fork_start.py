@@ -1,0 +1,136 @@
+"""Starting a module's ``main`` in a forked child of this process, instead of a new interpreter.
+
+A new interpreter for each rank imports torch, megatron-core and torch's
+dynamo (which the first ``torch.optim`` optimizer pulls in) again: ~6 s of CPU
+per rank, paid N times over on the same cores. The CLI's parent process has
+torch imported already; it imports the rest once (:func:`preload`) and its
+ranks are forks of it, started by torchrun's agent with ``start_method="fork"``
+(:func:`run_module` is their entry point). ``megalora verify``'s world-size-1
+run is a fork too (:func:`start`).
+
+Only without CUDA (:func:`can_fork`): a CUDA context does not survive a fork,
+and whether one exists in a parent is not something to reason about; with GPUs
+each rank is a fresh ``python -u -m MODULE`` as before.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import signal
+import sys
+import traceback
+from typing import Optional, Sequence
+
+# What every rank imports whatever it runs; the verb's own module comes on top.
+_PRELOAD = ("megatron.core", "megatron.core.models.gpt", "torch._dynamo", "megalora.training")
+
+
+def can_fork() -> bool:
+    """Whether ranks can be forks of this process: POSIX and no CUDA device."""
+    import torch
+
+    return hasattr(os, "fork") and not torch.cuda.is_available()
+
+
+def preload(module: str) -> None:
+    """Imports what the ranks running ``module`` import, once, in this process."""
+    for name in (*_PRELOAD, module):
+        importlib.import_module(name)
+
+
+def run_module(module: str, args: Sequence[str]) -> None:
+    """``python -u -m module args`` in a forked child: ``module.main(args)``; a non-zero status exits with it.
+
+    Put back what the child must not inherit: the signal handlers of torchrun's
+    agent (which would turn the agent's SIGTERM into an exception a rank stuck
+    in a collective never sees), buffered output, and the thread count, which
+    the OpenMP runtime read from the environment when the parent loaded it.
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for fd, name in ((1, "stdout"), (2, "stderr")):  # -u: every write reaches the file at once
+        stream = getattr(sys, name)
+        raw = io.FileIO(fd, "w", closefd=False)
+        setattr(sys, name, io.TextIOWrapper(raw, encoding=getattr(stream, "encoding", None) or "utf-8",
+                                            errors=getattr(stream, "errors", None) or "strict",
+                                            write_through=True))
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    mod = importlib.import_module(module)
+    sys.argv = [getattr(mod, "__file__", module), *args]
+    try:
+        code = mod.main(list(args))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - printed as the interpreter would, without multiprocessing's header
+        traceback.print_exc()
+        code = 1
+    if code:
+        _exit(code)
+
+
+def _exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
+
+
+class Forked:
+    """A forked child running :func:`run_module`: ``wait``, ``poll`` and ``kill`` like ``subprocess.Popen``."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def start(module: str, args: Sequence[str], env: dict, output: Optional[int] = None) -> Forked:
+    """Forks a child running ``module.main(args)`` with environment ``env``.
+
+    Args:
+        output: A file descriptor for the child's standard output and error, or None to share this process's.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.environ.clear()
+            os.environ.update(env)
+            if output is not None:
+                os.dup2(output, 1)
+                os.dup2(output, 2)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            run_module(module, args)
+            code = 0
+        except BaseException:  # noqa: BLE001 - the child must reach os._exit whatever happens
+            traceback.print_exc()
+        finally:
+            _exit(code)
+    return Forked(pid)
