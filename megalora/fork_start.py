@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import traceback
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 # What every rank imports whatever it runs; the verb's own module comes on top.
 _PRELOAD = ("megatron.core", "megatron.core.models.gpt", "torch._dynamo", "megalora.training")
@@ -109,11 +109,13 @@ class Forked:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def start(module: str, args: Sequence[str], env: dict, output: Optional[int] = None) -> Forked:
-    """Forks a child running ``module.main(args)`` with environment ``env``.
+def fork(body: Callable[[], Optional[int]], env: dict, stdout: Optional[int] = None,
+         stderr: Optional[int] = None) -> Forked:
+    """Forks a child that runs ``body()`` with environment ``env`` and exits with its return value.
 
     Args:
-        output: A file descriptor for the child's standard output and error, or None to share this process's.
+        stdout: A file descriptor for the child's standard output, or None to share this process's.
+        stderr: The same for its standard error.
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -123,14 +125,24 @@ def start(module: str, args: Sequence[str], env: dict, output: Optional[int] = N
         try:
             os.environ.clear()
             os.environ.update(env)
-            if output is not None:
-                os.dup2(output, 1)
-                os.dup2(output, 2)
+            for fd, target in ((1, stdout), (2, stderr)):
+                if target is not None:
+                    os.dup2(target, fd)
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            run_module(module, args)
-            code = 0
+            code = body() or 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except BaseException:  # noqa: BLE001 - the child must reach os._exit whatever happens
             traceback.print_exc()
         finally:
             _exit(code)
     return Forked(pid)
+
+
+def start(module: str, args: Sequence[str], env: dict, output: Optional[int] = None) -> Forked:
+    """Forks a child running ``module.main(args)`` (:func:`run_module`) with environment ``env``.
+
+    Args:
+        output: A file descriptor for the child's standard output and error, or None to share this process's.
+    """
+    return fork(lambda: run_module(module, args), env, stdout=output, stderr=output)

@@ -153,34 +153,18 @@ def _run_forked(torchrun_args: list[str], env: dict, stdout, ranks: Optional[tup
     ``(module, args)`` to fork the ranks from it too, else torchrun's agent
     starts them as new processes.
     """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.environ.clear()
-            os.environ.update(env)
-            if stdout is not None:
-                if stdout != subprocess.DEVNULL:
-                    raise ValueError("launch(stdout=...) takes None or subprocess.DEVNULL")
-                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            code = main(torchrun_args, ranks)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:  # noqa: BLE001 - the child must reach os._exit whatever happens
-            import traceback
+    from .fork_start import fork
 
-            traceback.print_exc()
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:  # noqa: BLE001
-                    pass
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    out = None
+    if stdout is not None:
+        if stdout != subprocess.DEVNULL:
+            raise ValueError("launch(stdout=...) takes None or subprocess.DEVNULL")
+        out = os.open(os.devnull, os.O_WRONLY)
+    try:
+        return fork(lambda: main(torchrun_args, ranks), env, stdout=out).wait()
+    finally:
+        if out is not None:
+            os.close(out)
 
 
 def _rank_errors(directory: Optional[str]) -> list[str]:
