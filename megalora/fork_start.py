@@ -8,7 +8,7 @@ ranks are forks of it, started by torchrun's agent with ``start_method="fork"``
 (:func:`run_module` is their entry point). ``megalora verify``'s world-size-1
 run is a fork too (:func:`start`).
 
-Only without CUDA (:func:`can_fork`): a CUDA context does not survive a fork,
+Only on Linux without CUDA (:func:`can_fork`): a CUDA context does not survive a fork,
 and whether one exists in a parent is not something to reason about; with GPUs
 each rank is a fresh ``python -u -m MODULE`` as before.
 """
@@ -28,10 +28,14 @@ _PRELOAD = ("megatron.core", "megatron.core.models.gpt", "torch._dynamo", "megal
 
 
 def can_fork() -> bool:
-    """Whether ranks can be forks of this process: POSIX and no CUDA device."""
+    """Whether ranks can be forks of this process: Linux and no CUDA device.
+
+    Not macOS, where a fork after system frameworks were loaded can crash the
+    child (why Python's multiprocessing spawns there by default).
+    """
     import torch
 
-    return hasattr(os, "fork") and not torch.cuda.is_available()
+    return sys.platform.startswith("linux") and not torch.cuda.is_available()
 
 
 def preload(module: str) -> None:

@@ -5,7 +5,7 @@ processes. It does not call the ``torchrun`` console script: it runs this
 module's :func:`main` (in a forked child on POSIX, which has torch imported
 already; else as ``python -m megalora.launcher``), which calls torchrun's own
 argument parser and launcher and catches its ``ChildFailedError``. Without
-CUDA the ranks are forks too (:mod:`.fork_start`); with GPUs each is a new
+CUDA on Linux the ranks are forks too (:mod:`.fork_start`); else each is a new
 ``python -u -m MODULE``. A rank that stops on a config or input error
 writes its one-line message into ``$MEGALORA_ERROR_DIR`` instead of printing
 it (every rank raises the same error); this process prints it once and exits

@@ -14,7 +14,7 @@ from megalora.launcher import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(not fork_start.can_fork(), reason="ranks are forks only on POSIX without CUDA")
+pytestmark = pytest.mark.skipif(not fork_start.can_fork(), reason="ranks are forks only on Linux without CUDA")
 
 
 def _run(module: str, args: list[str], env: dict) -> tuple[int, str]:
