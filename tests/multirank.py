@@ -1,8 +1,9 @@
 """Runs a test body on N gloo ranks on CPU, in a persistent pool of workers.
 
 Starting a rank costs seconds (torch and megatron imports, the gloo
-rendezvous), so the N worker processes are spawned once per world size and
-reused by every test. Each task is a module-level function, sent by its
+rendezvous), so the N worker processes are started once per world size, as
+forks of one server process that imported those once
+(:mod:`tests.pool_preload`), and reused by every test. Each task is a module-level function, sent by its
 qualified name, that every rank calls with the same arguments; the per-rank
 return values come back as a list indexed by rank.
 
@@ -82,10 +83,9 @@ def _die_with_parent(parent_pid: int) -> None:
     if server._forkserver_alive_fd is not None:
         os.close(server._forkserver_alive_fd)
         server._forkserver_alive_fd = None
-    # A worker stuck in a collective never reads its pipe, so it would not
-    # notice a parent killed by SIGKILL; ask the kernel to kill it instead.
-    # Its parent is the fork server, which exits as soon as the test process
-    # that started it is gone (the server's pipe from that process closes).
+    # A worker stuck in a collective never reads its pipe, so it would not notice a parent
+    # killed by SIGKILL; the kernel kills it when its parent, the fork server, exits (as it
+    # does once the test process that started it is gone: the pipe from that one closes).
     with contextlib.suppress(Exception):
         import ctypes
         import signal
@@ -99,11 +99,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _is_fork_server(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return b"multiprocessing.forkserver" in handle.read()
-    except OSError:
-        return False
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as handle:
+        return b"multiprocessing.forkserver" in handle.read()
+    return False
 
 
 def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_pid: int,
