@@ -68,15 +68,28 @@ def run_module(module: str, args: Sequence[str]) -> None:
         torch.set_num_threads(int(threads))
     mod = importlib.import_module(module)
     sys.argv = [getattr(mod, "__file__", module), *args]
-    try:
-        code = mod.main(list(args))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:  # noqa: BLE001 - printed as the interpreter would, without multiprocessing's header
-        traceback.print_exc()
-        code = 1
+    code = _status(lambda: mod.main(list(args)))
     if code:
         _exit(code)
+
+
+def _status(body: Callable[[], Optional[int]]) -> int:
+    """The exit status an interpreter running ``body()`` would give, with what it would print.
+
+    Its return value; a ``SystemExit``'s code (a message is printed to stderr
+    and gives 1); 1 with the traceback printed for any other exception, here
+    instead of multiprocessing's ``Process ForkProcess-1:`` report.
+    """
+    try:
+        return body() or 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except BaseException:  # noqa: BLE001 - the child must reach os._exit whatever happens
+        traceback.print_exc()
+        return 1
 
 
 def _exit(code: int) -> None:
@@ -89,7 +102,7 @@ def _exit(code: int) -> None:
 
 
 class Forked:
-    """A forked child running :func:`run_module`: ``wait``, ``poll`` and ``kill`` like ``subprocess.Popen``."""
+    """A child started by :func:`fork`: ``wait``, ``poll`` and ``kill`` like ``subprocess.Popen``."""
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -133,11 +146,7 @@ def fork(body: Callable[[], Optional[int]], env: dict, stdout: Optional[int] = N
                 if target is not None:
                     os.dup2(target, fd)
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            code = body() or 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:  # noqa: BLE001 - the child must reach os._exit whatever happens
-            traceback.print_exc()
+            code = _status(body)
         finally:
             _exit(code)
     return Forked(pid)

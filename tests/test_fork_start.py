@@ -37,12 +37,13 @@ def main(argv):
         return 0
     if what == "status":
         return int(argv[1])
+    if what == "exit":
+        raise SystemExit("stopped with a message")
     raise RuntimeError("boom in the child")
 
 
-def test_child_runs_main_with_its_environment_threads_and_default_signals(monkeypatch):
+def test_child_runs_main_with_its_environment_threads_and_default_signals():
     # The agent's handlers, which the forked ranks must not keep.
-    monkeypatch.setattr(signal, "getsignal", signal.getsignal)
     old = signal.signal(signal.SIGTERM, lambda *a: None)
     try:
         env = dict(child_env(), OMP_NUM_THREADS="1", FORK_START_TEST="yes")
@@ -58,6 +59,7 @@ def test_exit_status_and_traceback_come_back():
     assert _run("tests.test_fork_start", ["status", "3"], child_env())[0] == 3
     code, out = _run("tests.test_fork_start", ["raise"], child_env())
     assert code == 1 and "RuntimeError: boom in the child" in out and "Process" not in out.splitlines()[0]
+    assert _run("tests.test_fork_start", ["exit"], child_env()) == (1, "stopped with a message\n")
 
 
 def test_train_config_error_is_one_line_with_status_2():
