@@ -15,6 +15,7 @@ each rank is a fresh ``python -u -m MODULE`` as before.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import io
 import os
@@ -42,6 +43,9 @@ def preload(module: str) -> None:
     """Imports what the ranks running ``module`` import, once, in this process."""
     for name in (*_PRELOAD, module):
         importlib.import_module(name)
+    # Modules live as long as the process: keep the cyclic collector off them, in the ranks too (else each
+    # collection walks torch's and megatron's objects and, after the fork, copies their memory pages).
+    gc.freeze()
 
 
 def run_module(module: str, args: Sequence[str]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import random
 from typing import Any
@@ -70,7 +71,7 @@ def shutdown_distributed() -> None:
     if not _STATE.get("owns_world") or not dist.is_initialized():
         return
     with contextlib.suppress(Exception):  # megatron's groups may be up or not
-        destroy_parallel()
+        _destroy_parallel(release=False)  # the process is ending: no need to free the groups early
     dist.destroy_process_group()
     _STATE["owns_world"] = False
 
@@ -159,19 +160,52 @@ def destroy_parallel() -> None:
 
     Also destroys the process groups that ``init_parallel`` had Megatron
     create, so that repeated init/destroy cycles in one process (tests, sweeps)
-    do not leak sockets.
+    do not leak sockets and threads.
     """
+    _destroy_parallel(release=True)
+
+
+def _destroy_parallel(release: bool) -> None:
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
     before = _STATE["groups_before"]
+    destroyed = False
     if before is not None and dist.is_initialized():
         for group in _live_groups() - before:
             if group is not dist.GroupMember.WORLD:
                 with contextlib.suppress(Exception):  # already gone is fine
                     dist.destroy_process_group(group)
+                    destroyed = True
     _STATE.update(key=None, groups_before=None)
+    _forget_destroyed_groups(ps)
+    if destroyed and release:
+        # A destroyed group lives on while something still points at it: a model's modules (reference
+        # cycles), and megatron's RotaryEmbedding.forward lru_cache, which keeps its last 32 callers (and
+        # their groups) alive. Each gloo group keeps a socket loop thread that wakes 100 times a second, so a
+        # process that re-initializes (a sweep, a test worker) would pile up threads that eat the CPU.
+        _release_rotary_cache()
+        gc.collect()
     clear_lora_init_seed()
+
+
+def _forget_destroyed_groups(ps) -> None:
+    """Clears the parallel_state globals that destroy_model_parallel leaves pointing at destroyed groups.
+
+    megatron-core 0.16.1 misses ``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP`` and its gloo twin, so each
+    layout's groups stayed alive (socket threads included) until the next initialization replaced them.
+    """
+    live = set(_live_groups()) if dist.is_initialized() else set()
+    for name, value in list(vars(ps).items()):
+        if name.startswith("_") and isinstance(value, dist.ProcessGroup) and value not in live:
+            setattr(ps, name, None)
+
+
+def _release_rotary_cache() -> None:
+    with contextlib.suppress(ImportError, AttributeError):
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+        RotaryEmbedding.forward.cache_clear()
 
 
 def is_initialized() -> bool:

@@ -1,25 +1,21 @@
 """Runs a test body on N gloo ranks on CPU, in a persistent pool of workers.
 
-Starting a rank costs seconds (torch and megatron imports, the gloo
-rendezvous), so the N worker processes are started once per world size, as
-forks of one server process that imported those once
+Starting a rank costs seconds (torch and megatron imports, the gloo rendezvous), so the N worker processes
+are started once per world size, as forks of one server process that imported those once
 (:mod:`tests.pool_preload`), and reused by every test. Each task is a module-level function, sent by its
-qualified name, that every rank calls with the same arguments; the per-rank
-return values come back as a list indexed by rank.
+qualified name, that every rank calls with the same arguments; the per-rank return values come back as a
+list indexed by rank.
 
 Failure handling, so one bad test never poisons the next:
 
-* An exception on any rank fails the call with every failing rank's full
-  traceback.
-* Ranks that do not answer by the deadline are presumed stuck in a
-  collective; the pool is killed, the call fails naming them, and the next
-  call spawns a fresh pool. Once one rank has failed, the others get only a
+* An exception on any rank fails the call with every failing rank's full traceback.
+* Ranks that do not answer by the deadline are presumed stuck in a collective; the pool is killed, the call
+  fails naming them, and the next call spawns a fresh pool. Once one rank has failed, the others get only a
   short grace period, since they are most likely waiting on the failed rank.
-* After every task a worker puts back the state it started with
-  (:mod:`tests.worker_state`): Megatron's parallel state, megalora's module
-  globals, the CPU patches, the RNGs, the environment. So each test starts
-  from a bare world group and calls ``init_parallel`` itself, whatever ran
-  before it on the same workers.
+* After every task a worker puts back the state it started with (:mod:`tests.worker_state`): Megatron's
+  parallel state, megalora's module globals, the CPU patches, the RNGs, the environment. So each test
+  starts from a bare world group and calls ``init_parallel`` itself, whatever ran before it on the same
+  workers.
 
 Example::
 
@@ -36,6 +32,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import io
 import os
 import pickle
@@ -161,6 +158,9 @@ def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_
                 status, value = "err", traceback.format_exc()
         try:
             worker_state.restore(baseline, process=True)
+            # What outlives a task's cleanup lives as long as the worker: later collections skip it.
+            gc.collect()
+            gc.freeze()
         except Exception:  # noqa: BLE001
             if status == "ok":
                 status, value = "err", "cleanup failed:\n" + traceback.format_exc()

@@ -23,3 +23,9 @@ import megatron.core  # noqa: E402,F401
 import megatron.core.models.gpt  # noqa: E402,F401
 
 from tests import worker_state  # noqa: E402,F401
+
+import gc  # noqa: E402
+
+# Imported modules live as long as the worker: the collector need not walk them again (megalora's
+# destroy_parallel collects after each task's layout).
+gc.freeze()
