@@ -43,6 +43,8 @@ from multiprocessing import get_context
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
+from tests import procs
+
 __all__ = ["run_on_ranks", "shutdown_pools", "MultiRankError"]
 
 # How long to wait for the remaining ranks once one rank has raised: long
@@ -50,6 +52,7 @@ __all__ = ["run_on_ranks", "shutdown_pools", "MultiRankError"]
 # that ranks stuck waiting on the failed one are not waited on for long.
 _GRACE_AFTER_FAILURE_S = 5.0
 _STARTUP_TIMEOUT_S = 180.0
+_RETIRE_AT_GLOO_THREADS = 8  # a worker's own world group has one
 _WORKER_ENV = {
     "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
     # Megatron warns on every TP layer unless this is set; it means nothing on CPU.
@@ -70,10 +73,9 @@ class MultiRankError(AssertionError):
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    # The fork server exits once every holder of its "alive" pipe has; each
-    # child it forks inherits one (to start children through it in turn),
-    # which would keep it, and so the workers below, alive after the test
-    # process is killed. Workers start nothing through it.
+    # The fork server exits once every holder of its "alive" pipe has; each child it forks inherits one (to
+    # start children through it in turn), which would keep it, and so the workers below, alive after the
+    # test process is killed. Workers start nothing through it.
     from multiprocessing import forkserver
 
     server = forkserver._forkserver
@@ -91,14 +93,8 @@ def _die_with_parent(parent_pid: int) -> None:
     # A parent that died before that sends no signal, and the orphan would
     # wait for its peers forever; an orphan has a new parent by now.
     parent = os.getppid()
-    if parent != parent_pid and not _is_fork_server(parent):
+    if parent != parent_pid and procs.FORKSERVER not in procs.cmdline(parent):
         os._exit(1)
-
-
-def _is_fork_server(pid: int) -> bool:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as handle:
-        return b"multiprocessing.forkserver" in handle.read()
-    return False
 
 
 def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_pid: int,
@@ -165,7 +161,9 @@ def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_
             if status == "ok":
                 status, value = "err", "cleanup failed:\n" + traceback.format_exc()
         try:
-            reply(status, task_id, value, out.getvalue())
+            # Groups the task left alive, which the cleanup could not free, keep 100 Hz socket threads
+            # running for the rest of the session: the parent then replaces this pool (forks are cheap).
+            reply(status, task_id, value, out.getvalue(), procs.gloo_threads() > _RETIRE_AT_GLOO_THREADS)
         except Exception:  # noqa: BLE001 - e.g. an unpicklable return value
             reply("err", task_id, "return value could not be sent back:\n"
                   + traceback.format_exc(), out.getvalue())
@@ -298,6 +296,8 @@ class _Pool:
         started = time.monotonic()
         replies = self._collect(task_id, started + timeout_s)
         elapsed = time.monotonic() - started
+        if any(rep is not None and rep[-1] is True for rep in replies):  # see the worker's reply
+            self.shutdown()
 
         for rank, rep in enumerate(replies):
             if rep is not None and rep[3]:

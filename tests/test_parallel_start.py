@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from megalora import cpu_compat, lora_seed, parallel_start
+from tests import procs
 from tests.multirank import run_on_ranks
 
 VOCAB, HIDDEN, HEADS, SEQ, MBS = 128, 64, 4, 16, 2
@@ -275,11 +276,6 @@ def test_shutdown_ends_only_the_groups_it_started(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
-def _gloo_threads() -> int:
-    tasks = os.listdir("/proc/self/task")
-    return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop" for t in tasks)
-
-
 def _threads_over_reinits(cycles: int) -> list[int]:
     """Gloo socket threads after each init/model/forward/destroy cycle, the model dropped each time."""
     from tests.gpt_utils import SEQ, build_gpt, causal_mask, gpt_config, position_ids
@@ -292,7 +288,7 @@ def _threads_over_reinits(cycles: int) -> list[int]:
         model.held_by = [model]  # a reference cycle, as a trainer's hooks and optimizer make: freed only by gc
         del model
         parallel_start.destroy_parallel()
-        counts.append(_gloo_threads())
+        counts.append(procs.gloo_threads())
     return counts
 
 

@@ -91,3 +91,24 @@ def test_local_function_is_rejected():
 
     with pytest.raises(TypeError, match="module-level"):
         run_on_ranks(2, local)
+
+
+_KEPT: list = []
+
+
+def _pid_keeping_groups(count: int) -> int:
+    """This worker's pid; it keeps ``count`` new gloo groups alive past the task's cleanup (a leaking test)."""
+    import os
+
+    import torch.distributed as dist
+
+    _KEPT.extend(dist.new_group([0, 1]) for _ in range(count))
+    return os.getpid()
+
+
+def test_a_pool_left_with_live_groups_is_replaced():
+    """Each live gloo group runs a 100 Hz socket thread: workers a task left holding many are not reused."""
+    first = run_on_ranks(2, _pid_keeping_groups, 0)
+    assert run_on_ranks(2, _pid_keeping_groups, 0) == first  # a clean task: the same workers next time
+    assert run_on_ranks(2, _pid_keeping_groups, 10) == first
+    assert set(run_on_ranks(2, _pid_keeping_groups, 0)).isdisjoint(first)
