@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import pytest
@@ -11,6 +12,9 @@ from tests import procs, worker_state
 from tests.multirank import run_on_ranks, shutdown_pools
 
 
+# Seconds a test's leftover processes get to exit before they count as left behind (the harness's own
+# tests run sessions that start no launcher, and set it lower).
+STRAY_GRACE_ENV = "MEGALORA_TEST_STRAY_GRACE_S"
 # What each test left running, found and ended right after it (named, so the culprit is known).
 _LEFT_BY_TESTS: list[str] = []
 _SHOWN = 400  # characters of a command line: enough for a long checkout path and the command
@@ -35,7 +39,7 @@ def _no_process_left_by_the_test(request):
                 if pid not in keep and not procs.mp_helper(pid)]
 
     # A launcher's children exit a moment after it returns (SIGTERM handling): give them that moment.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + float(os.environ.get(STRAY_GRACE_ENV, "10"))
     while strays() and time.monotonic() < deadline:
         time.sleep(0.2)
         procs.reap_zombies()

@@ -57,8 +57,7 @@ _WORKER_ENV = {
     "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
     # Megatron warns on every TP layer unless this is set; it means nothing on CPU.
     "CUDA_DEVICE_MAX_CONNECTIONS": "1",
-    # The harness is CPU-only by design, also on a machine with GPUs, so that
-    # the CPU compatibility layer is what every multi-rank test exercises.
+    # CPU-only by design, also with GPUs: the CPU compatibility layer is what every multi-rank test exercises.
     "CUDA_VISIBLE_DEVICES": "",
 }
 
@@ -180,9 +179,10 @@ def _worker_main(rank: int, world_size: int, host: str, port: int, conn, parent_
 
 
 def _context():
-    """Workers are forked from one server process that imported torch and megatron once (tests/pool_preload.py)."""
+    """Workers fork from one server that imported torch and megatron once (tests/pool_preload.py, or the
+    module ``MEGALORA_POOL_PRELOAD`` names: the harness's own tests run sessions that only all-reduce)."""
     ctx = get_context("forkserver")
-    ctx.set_forkserver_preload(["tests.pool_preload"])  # no effect once the server runs
+    ctx.set_forkserver_preload([os.environ.get("MEGALORA_POOL_PRELOAD", "tests.pool_preload")])  # once
     return ctx
 
 

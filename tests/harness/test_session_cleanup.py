@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 from tests import procs
+from tests.conftest import STRAY_GRACE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TAG = "MEGALORA_LEAK_TAG"
@@ -61,8 +62,11 @@ def test_loses_a_process():  # a test bug the session check must catch
 def _session(tmp_path, select: str):
     tag = uuid.uuid4().hex
     (tmp_path / "test_inner.py").write_text(INNER)
+    # Its tasks only all-reduce (a light fork server), and it starts no launcher whose children need a
+    # moment to exit: a lost process is called lost after 1 s.
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MARKER=str(tmp_path / "marker"), **{TAG: tag})
+               MARKER=str(tmp_path / "marker"), MEGALORA_POOL_PRELOAD="torch.distributed",
+               **{TAG: tag, STRAY_GRACE_ENV: "1"})
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
            "--rootdir", str(tmp_path), "-k", select, str(tmp_path / "test_inner.py")]
     # SIGINT back to its default: a shell's background job inherits it ignored.
