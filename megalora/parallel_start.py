@@ -195,7 +195,7 @@ def _forget_destroyed_groups(ps) -> None:
     megatron-core 0.16.1 misses ``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP`` and its gloo twin, so each
     layout's groups stayed alive (socket threads included) until the next initialization replaced them.
     """
-    live = set(_live_groups()) if dist.is_initialized() else set()
+    live = _live_groups() if dist.is_initialized() else set()
     for name, value in list(vars(ps).items()):
         if name.startswith("_") and isinstance(value, dist.ProcessGroup) and value not in live:
             setattr(ps, name, None)

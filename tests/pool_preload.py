@@ -26,6 +26,6 @@ from tests import worker_state  # noqa: E402,F401
 
 import gc  # noqa: E402
 
-# Imported modules live as long as the worker: the collector need not walk them again (megalora's
-# destroy_parallel collects after each task's layout).
+# Imported modules live as long as the worker: the collector need not walk them again (each worker
+# collects after every task, and megalora's destroy_parallel after each layout).
 gc.freeze()
